@@ -1,0 +1,34 @@
+"""The one exception root of stageopt and its few specialisations."""
+
+from __future__ import annotations
+
+
+class StageoptError(Exception):
+    """Root of every error stageopt raises on purpose.
+
+    Messages say what is wrong and what to do; the CLI prints them as one line.
+    """
+
+
+class ConfigurationError(StageoptError, ValueError):
+    """A setting, argument or file given by the user is invalid."""
+
+
+class DataError(StageoptError, ValueError):
+    """A dataset file or row is malformed (the message names file, line and field)."""
+
+
+class ModelNotAvailableError(StageoptError):
+    """A model package or file is missing; the message names the pip package to install."""
+
+
+class ContextWindowError(StageoptError, ValueError):
+    """A prompt does not fit the model's context window."""
+
+
+class EvaluationError(StageoptError):
+    """An evaluation failed systemically (too many failing examples)."""
+
+
+class BudgetExhaustedError(StageoptError):
+    """Raised inside a run when the budget cannot admit another LM call."""

@@ -1,0 +1,48 @@
+"""The contract every benchmark task fulfils: data, program, metric and stage metrics."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import dspy
+
+#: A stage metric scores one stage of one example, from the example and the final prediction
+#: (the program exposes what the stage produced, e.g. the titles a query retrieved). 0.0-1.0.
+StageMetric = Callable[[dspy.Example, dspy.Prediction], float]
+
+
+class BaseTask(abc.ABC):
+    """A benchmark task: where its data lives, the program that solves it and how it is scored.
+
+    Subclasses set :attr:`name` and implement the abstract methods. Instances are cheap and hold
+    settings only (e.g. passages per hop); data is read when :meth:`load` is called.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def load(self, split: str, *, n: int | None = None) -> list[dspy.Example]:
+        """Read ``split`` (``"train"`` or ``"dev"``, or a path to a JSONL file), first ``n`` rows.
+
+        Called by the CLI and benchmarks before any LM call. Returns examples whose inputs are
+        set (``with_inputs``). Raises :class:`stageopt.DataError` naming file, line and field for
+        a malformed row.
+        """
+
+    @abc.abstractmethod
+    def program(self) -> dspy.Module:
+        """Return a fresh, unoptimized program whose stages are its ``named_predictors()``."""
+
+    @abc.abstractmethod
+    def metric(self, example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:
+        """The end-to-end score of one prediction, 0.0-1.0 (DSPy metric signature)."""
+
+    def stage_metrics(self) -> Mapping[str, StageMetric]:
+        """Per-stage metrics keyed by stage name (a ``named_predictors()`` name). Default: none."""
+        return {}
+
+    def extra_metrics(self) -> Mapping[str, Callable[[dspy.Example, dspy.Prediction], float]]:
+        """Further end-to-end metrics reported beside :meth:`metric` (e.g. EM next to F1)."""
+        return {}
