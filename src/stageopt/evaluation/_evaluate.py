@@ -36,6 +36,7 @@ class ExampleResult:
     extra: dict[str, float]
     calls: list[StageCall]
     error: str | None = None
+    trace: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready result."""
@@ -169,6 +170,7 @@ def evaluate(
     failure_score: float = 0.0,
     progress: bool = False,
     desc: str = "eval",
+    capture_traces: bool = False,
 ) -> EvaluationReport:
     """Run ``program`` on ``examples`` and score it, stage by stage.
 
@@ -187,6 +189,8 @@ def evaluate(
         failure_score: The score of an example whose program or metric raised.
         progress: Show a progress bar.
         desc: The progress bar's label.
+        capture_traces: Keep each stage's inputs and outputs in :attr:`ExampleResult.trace`
+            (what demo proposers bootstrap from).
 
     Raises:
         BudgetExhaustedError: when the ledger's budget runs out mid-evaluation.
@@ -214,8 +218,10 @@ def evaluate(
         parse_token = set_parse_listener(lambda _sig, ok: recorder.mark_parse(ok))
         prediction: dspy.Prediction | None = None
         error: str | None = None
+        dspy_trace: list[Any] = []
         try:
-            prediction = program(**example.inputs())
+            with dspy.context(trace=dspy_trace if capture_traces else None):
+                prediction = program(**example.inputs())
         except Exception as exc:
             if (systemic := _systemic(exc)) is not None:
                 raise systemic from exc
@@ -245,6 +251,11 @@ def evaluate(
             extra=extra,
             calls=recorder.calls,
             error=error,
+            trace=[
+                {"stage": names.get(id(p)), "inputs": dict(inputs), "outputs": dict(out.items())}
+                for p, inputs, out in dspy_trace
+                if id(p) in names
+            ],
         )
 
     bar = _progress(len(examples), desc) if progress else None
@@ -313,9 +324,7 @@ def _summarise(
         if name in stage_metrics:
             values = [r.stage_metrics[name] for r in results if name in r.stage_metrics]
             summary.metric = statistics.fmean(values) if values else 0.0
-    extra = {
-        k: statistics.fmean([r.extra.get(k, 0.0) for r in results]) if results else 0.0 for k in extra_metrics
-    }
+    extra = {k: statistics.fmean([r.extra.get(k, 0.0) for r in results]) if results else 0.0 for k in extra_metrics}
     after = ledger.usage()
     usage = Usage(
         lm_calls=after.lm_calls - before.lm_calls,

@@ -54,9 +54,7 @@ class ExampleRecorder:
             self.calls[-1].parse_ok = False
 
 
-_RECORDER: contextvars.ContextVar[ExampleRecorder | None] = contextvars.ContextVar(
-    "stageopt_recorder", default=None
-)
+_RECORDER: contextvars.ContextVar[ExampleRecorder | None] = contextvars.ContextVar("stageopt_recorder", default=None)
 
 
 def active_recorder() -> ExampleRecorder | None:
@@ -156,9 +154,7 @@ class MeteredLM(dspy.BaseLM):
                 completion_tokens,
                 cached,
             )
-            self.ledger.record(
-                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached=cached
-            )
+            self.ledger.record(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached=cached)
         return outputs
 
     async def acall(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:

@@ -3,6 +3,7 @@
 from stageopt.lm._adapter import SmallLMAdapter, parse_completion
 from stageopt.lm._llamacpp import EngineStats, LlamaCppEngine, LocalLM, available_cores
 from stageopt.lm._registry import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel, embedded_model
+from stageopt.lm._resolve import default_adapter, resolve_lm
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -13,6 +14,8 @@ __all__ = [
     "LocalLM",
     "SmallLMAdapter",
     "available_cores",
+    "default_adapter",
     "embedded_model",
     "parse_completion",
+    "resolve_lm",
 ]

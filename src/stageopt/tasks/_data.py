@@ -44,14 +44,9 @@ def _existing(path: Path, origin: str) -> Path:
 
 def resolve_split(task: str, split: str, root: str | os.PathLike[str] | None = None) -> Path:
     """Map ``split`` (``train``/``dev`` or a path to a .jsonl file) to an existing file."""
-    if split.endswith(".jsonl") or os.sep in split:
-        path = Path(split)
-    else:
-        path = data_dir(root) / task / f"{split}.jsonl"
+    path = Path(split) if split.endswith(".jsonl") or os.sep in split else data_dir(root) / task / f"{split}.jsonl"
     if not path.is_file():
-        raise DataError(
-            f"dataset file {path} not found; known splits are train and dev, or give a .jsonl path"
-        )
+        raise DataError(f"dataset file {path} not found; known splits are train and dev, or give a .jsonl path")
     return path
 
 
@@ -82,9 +77,7 @@ def read_jsonl(
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             for field, kind in fields.items():
                 if field not in row:
-                    raise DataError(
-                        f"{path}:{lineno}: missing field {field!r}; every row needs {sorted(fields)}"
-                    )
+                    raise DataError(f"{path}:{lineno}: missing field {field!r}; every row needs {sorted(fields)}")
                 if not isinstance(row[field], kind):
                     raise DataError(
                         f"{path}:{lineno}: field {field!r} should be {_kind_name(kind)}, "

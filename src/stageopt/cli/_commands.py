@@ -1,0 +1,241 @@
+"""The ``eval``, ``optimize`` and ``demo`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from stageopt._errors import ConfigurationError
+from stageopt.evaluation import Budget, EvaluationReport, evaluate
+from stageopt.lm import default_adapter, resolve_lm
+from stageopt.strategies import OptimizationResult, get_strategy
+from stageopt.tasks import BaseTask, get_task
+
+
+def _setup(args: argparse.Namespace) -> tuple[BaseTask, dspy.BaseLM, dspy.Adapter]:
+    if args.num_threads < 1:
+        raise ConfigurationError(f"--num-threads must be >= 1, got {args.num_threads}")
+    task = get_task(args.task, data_dir=args.data_dir)
+    lm = resolve_lm(
+        args.lm,
+        api_base=args.api_base,
+        api_key=args.api_key,
+        model_type=args.model_type,
+        seed=args.seed,
+        cache=not args.no_cache,
+    )
+    return task, lm, default_adapter(args.adapter)
+
+
+def _evaluate(
+    task: BaseTask,
+    program: dspy.Module,
+    examples: list[dspy.Example],
+    lm: dspy.BaseLM,
+    adapter: dspy.Adapter,
+    args: argparse.Namespace,
+    desc: str,
+) -> EvaluationReport:
+    return evaluate(
+        program,
+        examples,
+        task.metric,
+        lm=lm,
+        adapter=adapter,
+        stage_metrics=task.stage_metrics(),
+        extra_metrics=task.extra_metrics(),
+        num_threads=args.num_threads,
+        progress=True,
+        desc=desc,
+    )
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table with right-aligned numbers."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        )
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def stage_table(report: EvaluationReport) -> str:
+    """Per-stage metrics, parse rate, tokens and latency of one evaluation."""
+    rows = [
+        [
+            s.name,
+            s.metric,
+            s.calls,
+            f"{100 * s.parse_rate:.1f}%",
+            round(s.mean_prompt_tokens),
+            round(s.mean_completion_tokens),
+            s.mean_latency_s,
+            s.p95_latency_s,
+        ]
+        for s in report.stages.values()
+    ]
+    headers = ["stage", "stage metric", "calls", "parsed", "prompt tok", "compl tok", "mean s", "p95 s"]
+    return format_table(headers, rows)
+
+
+def summary_line(report: EvaluationReport) -> str:
+    """Score with its interval, extra metrics and cost on one line."""
+    extra = "  ".join(f"{k.upper()} {v:.3f}" for k, v in report.extra.items())
+    lo, hi = report.ci95
+    u = report.usage
+    return (
+        f"score {report.score:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={report.n}, errors={report.errors})  {extra}  "
+        f"LM calls {u.lm_calls} ({u.backend_calls} not cached), tokens {u.tokens}, {u.wall_s:.1f} s"
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``stageopt eval``."""
+    task, lm, adapter = _setup(args)
+    if args.n < 1:
+        raise ConfigurationError(f"--n must be >= 1, got {args.n}")
+    examples = task.load(args.split, n=args.n)
+    program = task.program()
+    if args.program:
+        path = Path(args.program)
+        if not path.is_file():
+            raise ConfigurationError(f"--program {path} does not exist; give a program.json from `stageopt optimize`")
+        try:
+            program.load(str(path))
+        except Exception as exc:
+            raise ConfigurationError(f"cannot load --program {path}: {exc}") from exc
+    report = _evaluate(task, program, examples, lm, adapter, args, desc=f"{args.task} {args.split}")
+    print(summary_line(report))
+    print(stage_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def _run_optimizer(
+    task: BaseTask,
+    lm: dspy.BaseLM,
+    adapter: dspy.Adapter,
+    trainset: list[dspy.Example],
+    out: Path,
+    args: argparse.Namespace,
+    budget: Budget,
+    strategy: str,
+    extra: dict[str, Any],
+) -> tuple[dspy.Module, OptimizationResult]:
+    cls = get_strategy(strategy)
+    optimizer = cls(
+        task.metric,
+        budget=budget,
+        lm=lm,
+        adapter=adapter,
+        stage_metrics=task.stage_metrics(),
+        seed=args.seed,
+        run_dir=out,
+        storage=getattr(args, "storage", None),
+        val_size=args.val_size,
+        bootstrap_size=args.bootstrap_size,
+        num_threads=args.num_threads,
+        progress=True,
+        **extra,
+    )
+    program = optimizer.compile(task.program(), trainset=trainset)
+    assert optimizer.result is not None
+    result = dataclasses.replace(optimizer.result, task=task.name)
+    out.mkdir(parents=True, exist_ok=True)
+    program.save(str(out / "program.json"))
+    (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return program, result
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """``stageopt optimize``."""
+    out = Path(args.out)
+    has_run = (out / "optuna.db").exists() or (out / "result.json").exists()
+    if has_run and not args.resume:
+        raise ConfigurationError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if args.resume and not has_run and args.storage is None:
+        raise ConfigurationError(f"--resume: no run found in {out} (no optuna.db); drop --resume to start one")
+    budget = Budget(lm_calls=args.budget_calls, tokens=args.budget_tokens, wall_s=args.budget_seconds)
+    task, lm, adapter = _setup(args)
+    trainset = task.load("train", n=args.n_train)
+    extra = {"max_rounds": args.max_rounds} if args.strategy == "coordinate" else {}
+    _, result = _run_optimizer(task, lm, adapter, trainset, out, args, budget, args.strategy, extra)
+    print(
+        f"{result.strategy}: {result.status} ({result.stop_reason}); validation score "
+        f"{result.baseline['score']:.3f} -> {result.best['score']:.3f}; "
+        f"{result.usage['lm_calls']} LM calls, {result.usage['wall_s']:.0f} s"
+    )
+    print(f"run directory: {out} (result.json, program.json, optuna.db)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``stageopt demo``: before/after on a dev subset with a small optimization budget."""
+    start = time.monotonic()
+    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    task, lm, adapter = _setup(args)
+    dev = task.load("dev", n=args.n)
+    train = task.load("train")
+    print(f"stageopt demo: {task.name}, model {args.lm}, {len(dev)} dev examples, budget {args.budget_calls} calls")
+    print("[1/3] scoring the unoptimized program on dev ...", file=sys.stderr)
+    before = _evaluate(task, task.program(), dev, lm, adapter, args, desc="before")
+    print("[2/3] optimizing (coordinate descent; selection uses train only) ...", file=sys.stderr)
+    program, result = _run_optimizer(
+        task, lm, adapter, train, out, args, Budget(lm_calls=args.budget_calls), "coordinate", {"max_rounds": 2}
+    )
+    print("[3/3] scoring the optimized program on the same dev examples ...", file=sys.stderr)
+    after = _evaluate(task, program, dev, lm, adapter, args, desc="after")
+    (out / "before.json").write_text(json.dumps(before.to_dict(), indent=2))
+    (out / "after.json").write_text(json.dumps(after.to_dict(), indent=2))
+    print()
+    print(demo_table(before, after, result))
+    print()
+    print("unoptimized, per stage:\n" + stage_table(before))
+    print("optimized, per stage:\n" + stage_table(after))
+    print(
+        f"\noptimization: {result.status} ({result.stop_reason}), {len(result.history)} trials, "
+        f"{result.usage['lm_calls']} LM calls, {result.usage['wall_s']:.0f} s; "
+        f"total demo time {time.monotonic() - start:.0f} s"
+    )
+    print(f"run directory: {out}")
+    return 0
+
+
+def demo_table(before: EvaluationReport, after: EvaluationReport, result: OptimizationResult) -> str:
+    """Before/after rows: stage metrics, F1, EM, parse rate, calls, time."""
+    rows: list[list[Any]] = []
+    for name in before.stage_metrics:
+        rows.append([f"{name} stage metric", before.stage_metrics[name], after.stage_metrics.get(name)])
+    for key in before.extra:
+        rows.append([key.upper(), before.extra[key], after.extra.get(key)])
+    rows.append(["parse rate", before.parse_rate, after.parse_rate])
+    rows.append(["LM calls (eval)", before.usage.lm_calls, after.usage.lm_calls])
+    rows.append(["mean prompt tokens/call", _mean_prompt(before), _mean_prompt(after)])
+    rows.append(["wall time (eval, s)", round(before.usage.wall_s, 1), round(after.usage.wall_s, 1)])
+    table = format_table(["dev metric", "before", "after"], rows)
+    chosen = "; ".join(
+        f"{stage}: instruction #{p['instruction']}, {p['n_demos']} demos" for stage, p in result.best["params"].items()
+    )
+    return f"{table}\n\nchosen configuration: {chosen}"
+
+
+def _mean_prompt(report: EvaluationReport) -> float:
+    return report.usage.prompt_tokens / report.usage.lm_calls if report.usage.lm_calls else 0.0

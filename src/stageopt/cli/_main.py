@@ -1,0 +1,104 @@
+"""Argument parsing and the one place where errors become one clear line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from stageopt._errors import StageoptError
+
+logger = logging.getLogger("stageopt")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="hotpotqa", help="benchmark task (default: hotpotqa)")
+    parser.add_argument("--lm", default="gemma3-270m", help="embedded model name or LiteLLM model string")
+    parser.add_argument("--api-base", default=None, help="base URL for an OpenAI-compatible server")
+    parser.add_argument("--api-key", default=None, help="API key for --api-base (default: none needed)")
+    parser.add_argument(
+        "--model-type", default="chat", choices=("chat", "text"), help="LiteLLM API type for --lm strings"
+    )
+    parser.add_argument("--adapter", default="small", choices=("small", "chat", "json"), help="prompt format")
+    parser.add_argument("--data-dir", default=None, help="folder with <task>/{train,dev}.jsonl")
+    parser.add_argument("--num-threads", type=int, default=1, help="examples evaluated in parallel")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="do not use DSPy's response cache")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``stageopt`` parser."""
+    parser = argparse.ArgumentParser(prog="stageopt", description="Optimize multi-stage DSPy programs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="score a program on a split, stage by stage")
+    _common(ev)
+    ev.add_argument("--split", default="dev", help="train, dev, or a path to a .jsonl file")
+    ev.add_argument("--n", type=int, default=50, help="number of examples (first n)")
+    ev.add_argument("--program", default=None, help="program.json saved by `stageopt optimize`")
+    ev.add_argument("--json", default=None, help="also write the report as JSON to this path")
+
+    opt = sub.add_parser("optimize", help="optimize a program and write a run directory")
+    _common(opt)
+    opt.add_argument("--strategy", default="coordinate", help="search strategy (default: coordinate)")
+    opt.add_argument("--budget-calls", type=int, required=True, help="max logical LM calls (cache hits count)")
+    opt.add_argument("--budget-tokens", type=int, default=None, help="max tokens")
+    opt.add_argument("--budget-seconds", type=float, default=None, help="max wall-clock seconds")
+    opt.add_argument("--out", required=True, help="run directory (result.json, program.json, optuna.db)")
+    opt.add_argument("--n-train", type=int, default=None, help="training examples to use (default: all)")
+    opt.add_argument("--val-size", type=int, default=20, help="validation examples per trial")
+    opt.add_argument("--bootstrap-size", type=int, default=16, help="training examples traced for demos")
+    opt.add_argument("--max-rounds", type=int, default=3, help="coordinate-descent rounds")
+    opt.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
+    opt.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    demo = sub.add_parser("demo", help="before/after optimization on the embedded default model")
+    _common(demo)
+    demo.add_argument("--n", type=int, default=20, help="dev examples scored before and after")
+    demo.add_argument("--budget-calls", type=int, default=300, help="optimization budget in LM calls")
+    demo.add_argument("--val-size", type=int, default=10, help="validation examples (from train) per trial")
+    demo.add_argument("--bootstrap-size", type=int, default=12, help="training examples traced for demos")
+    demo.add_argument("--out", default="runs/demo", help="run directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 user error, 1 unexpected, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from stageopt.cli import _commands
+
+    try:
+        if args.command == "eval":
+            return _commands.cmd_eval(args)
+        if args.command == "optimize":
+            return _commands.cmd_optimize(args)
+        return _commands.cmd_demo(args)
+    except KeyboardInterrupt:
+        print("stageopt: interrupted; finished trials are kept, rerun with --resume to continue", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        error = _stageopt_error(exc)
+        if error is None:
+            raise
+        print(f"stageopt: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _stageopt_error(exc: BaseException) -> BaseException | None:
+    """The stageopt error behind ``exc`` (DSPy wraps LM errors), or None for a real bug."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StageoptError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

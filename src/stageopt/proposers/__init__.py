@@ -1,0 +1,14 @@
+"""Where candidate demos and instructions come from."""
+
+from stageopt.proposers._base import BaseDemoProposer, BaseInstructionProposer, ProposalContext
+from stageopt.proposers._bootstrap import BootstrapDemoProposer
+from stageopt.proposers._instruction import LMInstructionProposer, validate_instruction
+
+__all__ = [
+    "BaseDemoProposer",
+    "BaseInstructionProposer",
+    "BootstrapDemoProposer",
+    "LMInstructionProposer",
+    "ProposalContext",
+    "validate_instruction",
+]

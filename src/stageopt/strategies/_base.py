@@ -1,0 +1,494 @@
+"""Shared machinery of every strategy: data split, proposals, budget, trials, resume, result.
+
+A strategy subclasses :class:`BaseStageOptimizer` and implements :meth:`_search`, which calls
+:meth:`RunState.run_trial` for each configuration it wants scored. Everything a run needs to
+resume lives in the Optuna storage: the candidate pools and usage in the study's user
+attributes, each trial's configuration, score and cumulative usage in its user attributes.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import logging
+import random
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+import optuna
+from dspy.teleprompt.teleprompt import Teleprompter
+
+from stageopt._errors import BudgetExhaustedError, ConfigurationError
+from stageopt.evaluation import Budget, BudgetLedger, MeteredLM, Usage, evaluate
+from stageopt.proposers import (
+    BaseDemoProposer,
+    BaseInstructionProposer,
+    BootstrapDemoProposer,
+    LMInstructionProposer,
+    ProposalContext,
+)
+from stageopt.strategies._result import OptimizationResult, TrialRecord
+from stageopt.strategies._space import Config, SearchSpace, config_key
+
+logger = logging.getLogger(__name__)
+
+ExampleMetric = Callable[[dspy.Example, dspy.Prediction], float]
+
+
+class StopSearch(Exception):
+    """Raised inside a search to end it; ``status`` is one of the result statuses."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def check_metric(metric: Callable[..., float]) -> None:
+    """Raise a clear error unless ``metric(example, prediction)`` is a valid call."""
+    if not callable(metric):
+        raise TypeError(f"`metric` must be callable, got {metric!r}")
+    try:
+        inspect.signature(metric).bind(dspy.Example(), dspy.Prediction())
+    except TypeError as exc:
+        raise TypeError(f"`metric` must accept (example, prediction, trace=None) like a DSPy metric: {exc}") from exc
+    except ValueError:  # builtins without a signature: accept
+        pass
+
+
+@dataclass
+class RunState:
+    """Everything a search step needs: the space, the study, the ledger and the trials so far."""
+
+    optimizer: BaseStageOptimizer
+    program: dspy.Module
+    space: SearchSpace
+    study: optuna.Study
+    ledger: BudgetLedger
+    valset: list[dspy.Example]
+    lm: dspy.BaseLM
+    records: list[TrialRecord] = field(default_factory=list)
+    scores: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
+    calls_per_example: float = 0.0
+    bar: Any = None
+
+    @property
+    def best(self) -> TrialRecord | None:
+        """The best trial so far (earliest among ties)."""
+        best: TrialRecord | None = None
+        for record in self.records:
+            if best is None or record.score > best.score:
+                best = record
+        return best
+
+    def best_config(self) -> Config:
+        """The best configuration so far, or the original program's."""
+        best = self.best
+        return best.params if best is not None else self.space.default_config()
+
+    def trials_in(self, **attrs: Any) -> list[TrialRecord]:
+        """Completed trials whose phase/stage/round equal ``attrs``."""
+        return [r for r in self.records if all(getattr(r, k) == v for k, v in attrs.items())]
+
+    def run_trial(
+        self,
+        config: Config,
+        *,
+        phase: str,
+        stage: str | None = None,
+        round: int | None = None,
+        trial: optuna.trial.Trial | None = None,
+        examples: Sequence[dspy.Example] | None = None,
+    ) -> TrialRecord:
+        """Score ``config`` and record it as a trial (asking Optuna for one when none is given).
+
+        A configuration already scored on the same examples is told again with its known score
+        and spends nothing. Raises :class:`StopSearch` when the budget cannot pay for the trial.
+        """
+        examples = list(examples if examples is not None else self.valset)
+        key = f"{config_key(config)}@{len(examples)}"
+        if trial is None:
+            trial = self.study.ask()
+        repeated = key in self.scores
+        if repeated:
+            score, stage_metrics = self.scores[key]
+        else:
+            needed = int(self.calls_per_example * len(examples)) if self.calls_per_example else 1
+            reason = self.ledger.exhausted_reason(calls_needed=needed)
+            if reason is not None:
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise StopSearch("budget_exhausted", reason)
+            program = self.space.apply(self.program, config)
+            opt = self.optimizer
+            try:
+                report = evaluate(
+                    program,
+                    examples,
+                    opt.metric,
+                    lm=self.lm,
+                    adapter=opt.adapter,
+                    stage_metrics=opt.stage_metrics,
+                    ledger=self.ledger,
+                    num_threads=opt.num_threads,
+                    max_errors=opt.max_errors,
+                    progress=opt.progress,
+                    desc=f"trial {trial.number}",
+                )
+            except BudgetExhaustedError as exc:
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise StopSearch("budget_exhausted", str(exc)) from exc
+            score, stage_metrics = report.score, report.stage_metrics
+            self.scores[key] = (score, stage_metrics)
+            if not self.calls_per_example and report.n:
+                self.calls_per_example = report.usage.lm_calls / report.n
+        usage = self.ledger.usage()
+        record = TrialRecord(
+            trial=trial.number,
+            phase=phase,
+            stage=stage,
+            round=round,
+            params=config,
+            fidelity=len(examples),
+            score=score,
+            stage_metrics=stage_metrics,
+            lm_calls=usage.lm_calls,
+            tokens=usage.tokens,
+            wall_s=round_s(usage.wall_s),
+            repeated=repeated,
+        )
+        for name, value in record.to_dict().items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("usage", usage.to_dict())
+        trial.set_user_attr("calls_per_example", self.calls_per_example)
+        self.study.tell(trial, score)
+        self.records.append(record)
+        if self.bar is not None:
+            self.bar.n = min(usage.lm_calls, self.bar.total or usage.lm_calls)
+            self.bar.set_postfix(trial=record.trial, score=f"{score:.3f}", best=f"{self.best.score:.3f}")  # type: ignore[union-attr]
+        logger.info(
+            "trial %d (%s %s) score %.4f, %d calls so far",
+            record.trial,
+            phase,
+            stage or "",
+            score,
+            usage.lm_calls,
+        )
+        return record
+
+
+def round_s(seconds: float) -> float:
+    """Seconds rounded to milliseconds."""
+    return round(seconds, 3)
+
+
+class BaseStageOptimizer(Teleprompter, abc.ABC):
+    """Base of every stageopt optimizer: a DSPy ``Teleprompter`` driving Optuna by ask/tell.
+
+    Args:
+        metric: DSPy metric ``metric(example, prediction, trace=None) -> float``.
+        budget: A :class:`Budget`, or an int for a budget of logical LM calls.
+        lm: Task LM (default: DSPy's configured LM).
+        prompt_lm: LM that proposes instructions (default: the task LM).
+        adapter: Adapter the program runs with (default: DSPy's configured adapter).
+        stage_metrics: Task-defined per-stage metrics, by stage name.
+        demo_proposer: Where demo sets come from (default: :class:`BootstrapDemoProposer`).
+        instruction_proposer: Where instructions come from (default: :class:`LMInstructionProposer`).
+        bootstrap_size: Training examples run to collect traces for proposals.
+        val_size: Validation examples each trial is scored on (a seeded sample).
+        seed: Seed of the sampler, data split and proposers.
+        sampler: Optuna sampler (default ``TPESampler(multivariate=True, group=True, seed=seed)``).
+        storage: Optuna storage URL or object (default: SQLite in ``run_dir``, else in memory).
+        study_name: Optuna study name (default: the strategy name).
+        run_dir: Folder for the SQLite study (created when missing).
+        num_threads: Examples evaluated in parallel.
+        max_errors: Failing examples tolerated per evaluation.
+        threshold: Score at which a trace counts as a success for bootstrapping.
+        progress: Show progress bars.
+    """
+
+    strategy_name = "base"
+
+    def __init__(
+        self,
+        metric: Callable[..., float],
+        *,
+        budget: Budget | int,
+        lm: dspy.BaseLM | None = None,
+        prompt_lm: dspy.BaseLM | None = None,
+        adapter: dspy.Adapter | None = None,
+        stage_metrics: Mapping[str, ExampleMetric] | None = None,
+        demo_proposer: BaseDemoProposer | None = None,
+        instruction_proposer: BaseInstructionProposer | None = None,
+        bootstrap_size: int = 16,
+        val_size: int | None = 20,
+        seed: int = 0,
+        sampler: optuna.samplers.BaseSampler | None = None,
+        storage: str | optuna.storages.BaseStorage | None = None,
+        study_name: str | None = None,
+        run_dir: str | Path | None = None,
+        num_threads: int = 1,
+        max_errors: int | None = None,
+        threshold: float = 0.5,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        check_metric(metric)
+        self.metric = metric
+        if isinstance(budget, bool) or not isinstance(budget, Budget | int):
+            raise TypeError(f"`budget` must be a Budget or an int of LM calls, got {budget!r}")
+        self.budget = budget if isinstance(budget, Budget) else Budget(lm_calls=budget)
+        self.lm = lm
+        self.prompt_lm = prompt_lm
+        self.adapter = adapter
+        self.stage_metrics = dict(stage_metrics or {})
+        self.demo_proposer = demo_proposer or BootstrapDemoProposer()
+        self.instruction_proposer = instruction_proposer or LMInstructionProposer()
+        for name, value in (("bootstrap_size", bootstrap_size), ("num_threads", num_threads)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {name}={value}")
+        if val_size is not None and val_size < 1:
+            raise ValueError(f"`val_size` must be >= 1 or None, got {val_size=}")
+        self.bootstrap_size = bootstrap_size
+        self.val_size = val_size
+        self.seed = seed
+        self.sampler = sampler
+        self.storage = storage
+        self.study_name = study_name
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.num_threads = num_threads
+        self.max_errors = max_errors
+        self.threshold = threshold
+        self.progress = progress
+        self.result: OptimizationResult | None = None
+
+    # ---- the one method strategies implement ----------------------------------------------
+
+    @abc.abstractmethod
+    def _search(self, state: RunState) -> tuple[str, str | None]:
+        """Called once per :meth:`compile`, after the baseline trial, to run the search.
+
+        Scores configurations with ``state.run_trial``; on resume, ``state.records`` already
+        holds the finished trials and the search must continue without redoing them. Returns
+        ``(status, reason)``; raising :class:`StopSearch` ends the run with that status.
+        """
+
+    # ---- DSPy's contract -------------------------------------------------------------------
+
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: list[dspy.Example],
+        teacher: dspy.Module | None = None,
+        valset: list[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> dspy.Module:
+        """Optimize a copy of ``student``; the result is in :attr:`result` afterwards."""
+        if not trainset:
+            raise ConfigurationError("`trainset` is empty: give at least one training example")
+        program = student.deepcopy()
+        self.check_stages(program)
+        task_lm = self.lm or dspy.settings.lm
+        if task_lm is None:
+            raise ConfigurationError("no LM: pass lm= to the optimizer or configure one with dspy.context")
+        boot, val = self.split(trainset, valset)
+        study = self.open_study()
+        ledger = BudgetLedger(self.budget, spent=self.stored_usage(study))
+        lm = MeteredLM(task_lm, ledger)
+        space = self.load_or_propose(program, study, boot, lm, ledger)
+        state = RunState(self, program, space, study, ledger, val, lm)
+        self.restore(state)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            state.bar = tqdm(total=self.budget.lm_calls, desc=f"{self.strategy_name} (LM calls)", unit="call")
+            state.bar.n = ledger.usage().lm_calls
+        status, reason = "completed", None
+        try:
+            if not state.trials_in(phase="baseline"):
+                state.run_trial(space.default_config(), phase="baseline")
+            status, reason = self._search(state)
+        except StopSearch as stop:
+            status, reason = stop.status, stop.reason
+        finally:
+            if state.bar is not None:
+                state.bar.close()
+        return self.finish(state, status, reason)
+
+    def check_stages(self, program: dspy.Module) -> None:
+        """Refuse stage metrics for stages the program does not have."""
+        names = [name for name, _ in program.named_predictors()]
+        if not names:
+            raise ConfigurationError("the program has no stages: named_predictors() is empty")
+        unknown = [s for s in self.stage_metrics if s not in names]
+        if unknown:
+            raise ConfigurationError(f"stage_metrics names unknown stage(s) {unknown}; the stages are {names}")
+
+    def split(
+        self, trainset: list[dspy.Example], valset: list[dspy.Example] | None
+    ) -> tuple[list[dspy.Example], list[dspy.Example]]:
+        """Examples to bootstrap from and examples to validate on (disjoint when derived)."""
+        rng = random.Random(self.seed)
+        if valset is None:
+            shuffled = list(trainset)
+            rng.shuffle(shuffled)
+            if len(shuffled) < 2:
+                raise ConfigurationError("with no valset, `trainset` needs at least 2 examples to split")
+            cut = max(1, min(self.bootstrap_size, len(shuffled) // 2))
+            boot, val = shuffled[:cut], shuffled[cut:]
+        else:
+            if not valset:
+                raise ConfigurationError("`valset` is empty: give examples or leave it None")
+            boot = rng.sample(list(trainset), min(self.bootstrap_size, len(trainset)))
+            val = list(valset)
+        if self.val_size is not None and len(val) > self.val_size:
+            val = random.Random(self.seed + 1).sample(val, self.val_size)
+        return boot, val
+
+    def open_study(self) -> optuna.Study:
+        """Create or load the study (SQLite in ``run_dir`` by default)."""
+        storage = self.storage
+        if storage is None and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            storage = f"sqlite:///{(self.run_dir / 'optuna.db').resolve()}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = self.sampler or optuna.samplers.TPESampler(
+                multivariate=True, group=True, seed=self.seed, n_startup_trials=4
+            )
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            return optuna.create_study(
+                storage=storage,
+                study_name=self.study_name or self.strategy_name,
+                direction="maximize",
+                sampler=sampler,
+                load_if_exists=True,
+            )
+
+    @staticmethod
+    def stored_usage(study: optuna.Study) -> Usage:
+        """What earlier runs of this study spent (for resume)."""
+        latest: dict[str, Any] = dict(study.user_attrs.get("usage_after_proposals", {}))
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            usage = trial.user_attrs.get("usage")
+            if usage and usage.get("lm_calls", 0) >= latest.get("lm_calls", 0):
+                latest = usage
+        return Usage(**latest) if latest else Usage()
+
+    def load_or_propose(
+        self,
+        program: dspy.Module,
+        study: optuna.Study,
+        boot: list[dspy.Example],
+        lm: MeteredLM,
+        ledger: BudgetLedger,
+    ) -> SearchSpace:
+        """The candidate pools: from the study when resuming, else proposed now and stored."""
+        if "space" in study.user_attrs:
+            return SearchSpace.from_dict(study.user_attrs["space"])
+        space = SearchSpace.initial(program)
+        prompt_lm = MeteredLM(self.prompt_lm, ledger) if self.prompt_lm is not None else lm
+        notes: dict[str, Any] = {}
+        try:
+            traces = evaluate(
+                program,
+                boot,
+                self.metric,
+                lm=lm,
+                adapter=self.adapter,
+                stage_metrics=self.stage_metrics,
+                ledger=ledger,
+                num_threads=self.num_threads,
+                max_errors=len(boot),
+                progress=self.progress,
+                desc="bootstrap",
+                capture_traces=True,
+            ).examples
+            context = ProposalContext(
+                lm=lm,
+                prompt_lm=prompt_lm,
+                adapter=self.adapter,
+                ledger=ledger,
+                traces=traces,
+                trainset=boot,
+                seed=self.seed,
+                threshold=self.threshold,
+                notes=notes,
+            )
+            with dspy.context(lm=lm, **({"adapter": self.adapter} if self.adapter else {})):
+                demos = self.demo_proposer.propose(program, context)
+                instructions = self.instruction_proposer.propose(program, context)
+        except BudgetExhaustedError as exc:
+            raise ConfigurationError(
+                f"the budget ({self.budget.to_dict()}) ran out while proposing candidates: {exc}; "
+                "raise the budget or lower bootstrap_size"
+            ) from exc
+        for name, candidates in space.stages.items():
+            candidates.demo_sets.extend(demos.get(name, []))
+            candidates.instructions.extend(instructions.get(name, []))
+        study.set_user_attr("space", space.to_dict())
+        study.set_user_attr("proposal_notes", _jsonable(notes))
+        study.set_user_attr("usage_after_proposals", ledger.usage().to_dict())
+        return space
+
+    def restore(self, state: RunState) -> None:
+        """Load finished trials into ``state`` and fail trials a killed run left running."""
+        for trial in state.study.get_trials(deepcopy=False):
+            if trial.state == optuna.trial.TrialState.RUNNING:
+                state.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            elif trial.state == optuna.trial.TrialState.COMPLETE and "phase" in trial.user_attrs:
+                attrs = trial.user_attrs
+                known = set(TrialRecord.__dataclass_fields__)
+                record = TrialRecord(**{k: v for k, v in attrs.items() if k in known})
+                state.records.append(record)
+                key = f"{config_key(record.params)}@{record.fidelity}"
+                state.scores[key] = (record.score, record.stage_metrics)
+                state.calls_per_example = attrs.get("calls_per_example", state.calls_per_example)
+        if state.records:
+            logger.info("resuming: %d finished trials found in the study", len(state.records))
+
+    def finish(self, state: RunState, status: str, reason: str | None) -> dspy.Module:
+        """Build :attr:`result` and return the best program found on validation."""
+        baseline = next(iter(state.trials_in(phase="baseline")), None)
+        best = state.best
+        best_config = best.params if best is not None else state.space.default_config()
+        self.result = OptimizationResult(
+            strategy=self.strategy_name,
+            seed=self.seed,
+            budget=self.budget.to_dict(),
+            usage=state.ledger.usage().to_dict(),
+            baseline={
+                "score": baseline.score if baseline else None,
+                "stage_metrics": baseline.stage_metrics if baseline else {},
+                "n": len(state.valset),
+            },
+            best={
+                "score": best.score if best else None,
+                "stage_metrics": best.stage_metrics if best else {},
+                "params": state.space.describe(best_config),
+                "trial": best.trial if best else None,
+            },
+            history=[r.to_dict() for r in sorted(state.records, key=lambda r: r.trial)],
+            status=status,
+            stop_reason=reason,
+            candidates={
+                name: {"instructions": len(c.instructions), "demo_sets": len(c.demo_sets)}
+                for name, c in state.space.stages.items()
+            },
+            notes={"proposals": state.study.user_attrs.get("proposal_notes", {})},
+        )
+        return state.space.apply(state.program, best_config)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
