@@ -90,7 +90,9 @@ def test_lm_that_raises_is_a_counted_example_failure() -> None:
             raise TimeoutError("LM timed out")
         return demo_sensitive_answer(prompt)
 
-    report = evaluate(_with_demos(), city_examples()[:3], capital_metric, lm=scripted_lm(flaky), adapter=SmallLMAdapter())
+    report = evaluate(
+        _with_demos(), city_examples()[:3], capital_metric, lm=scripted_lm(flaky), adapter=SmallLMAdapter()
+    )
     assert report.errors == 1
     assert report.examples[1].score == 0.0
     assert "timed out" in (report.examples[1].error or "")

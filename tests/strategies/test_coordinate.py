@@ -62,7 +62,7 @@ def test_budget_is_never_exceeded() -> None:
     assert result is not None
     assert result.status == "budget_exhausted"
     assert result.usage["lm_calls"] <= 70
-    assert lm.engine.calls <= 70  # type: ignore[attr-defined]
+    assert lm.engine.calls <= 70
 
 
 def test_same_seed_same_result() -> None:
@@ -91,8 +91,8 @@ def test_resume_does_not_redo_finished_trials(tmp_path: Path) -> None:
     assert [h["trial"] for h in result.history[:done]] == [h["trial"] for h in first.result.history]
     # No bootstrap and no baseline again: the new run spent only on new trials.
     new_trials = [h for h in result.history[done:] if not h["repeated"]]
-    assert second_lm.engine.calls == 12 * len(new_trials)  # type: ignore[attr-defined]
-    assert result.usage["lm_calls"] == first.result.usage["lm_calls"] + second_lm.engine.calls  # type: ignore[attr-defined]
+    assert second_lm.engine.calls == 12 * len(new_trials)
+    assert result.usage["lm_calls"] == first.result.usage["lm_calls"] + second_lm.engine.calls
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     trials = optuna.load_study(study_name="coordinate", storage=storage).get_trials()
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == len(result.history)
@@ -103,7 +103,7 @@ def test_result_round_trips_and_refuses_other_schema() -> None:
     optimizer.compile(CapitalOfCity(), trainset=city_examples())
     assert optimizer.result is not None
     data = optimizer.result.to_dict()
-    assert list(data)[0] == "schema_version"
+    assert next(iter(data)) == "schema_version"
     assert OptimizationResult.from_dict(data) == optimizer.result
     with pytest.raises(ConfigurationError, match="schema_version"):
         OptimizationResult.from_dict({**data, "schema_version": 99})
@@ -113,7 +113,7 @@ def test_bad_settings_are_rejected_when_built() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         _optimizer(budget=-1)
     with pytest.raises(TypeError, match="budget"):
-        _optimizer(budget="many")
+        _optimizer(budget="many")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_rounds"):
         _optimizer(max_rounds=0)
 

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--val-size", type=int, default=10, help="validation examples (from train) per trial")
     demo.add_argument("--bootstrap-size", type=int, default=12, help="training examples traced for demos")
     demo.add_argument("--out", default="runs/demo", help="run directory")
+
+    serve = sub.add_parser("serve", help="serve an embedded model over the OpenAI API (llama_cpp.server)")
+    serve.add_argument("--lm", default="gemma3-270m", help="embedded model name")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--alias", default=None, help="model name clients ask for (default: --lm)")
+    serve.add_argument("--n-ctx", type=int, default=None, help="context window")
+    serve.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -71,9 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from stageopt.cli import _commands
-
     try:
+        if args.command == "serve":
+            from stageopt.lm._serve import serve
+
+            serve(args.lm, host=args.host, port=args.port, alias=args.alias, n_ctx=args.n_ctx)
+            return 0
+        from stageopt.cli import _commands
+
         if args.command == "eval":
             return _commands.cmd_eval(args)
         if args.command == "optimize":

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from stageopt._errors import BudgetExhaustedError
+from stageopt._errors import BudgetExhaustedError, ConfigurationError
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Budget:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"`budget.{name}` must be a number or None, got {value!r}")
             if value <= 0:
-                raise ValueError(f"`budget.{name}` must be positive, got {name}={value!r}")
+                raise ConfigurationError(f"`budget.{name}` must be positive, got {name}={value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready limits."""

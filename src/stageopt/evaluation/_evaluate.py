@@ -13,7 +13,7 @@ from typing import Any
 
 import dspy
 
-from stageopt._errors import BudgetExhaustedError, EvaluationError, StageoptError
+from stageopt._errors import BudgetExhaustedError, ConfigurationError, EvaluationError, StageoptError
 from stageopt.evaluation._budget import BudgetLedger, Usage
 from stageopt.evaluation._meter import ExampleRecorder, MeteredLM, StageCall, reset_recorder, set_recorder
 from stageopt.lm._adapter import reset_parse_listener, set_parse_listener
@@ -197,7 +197,7 @@ def evaluate(
         EvaluationError: when more than ``max_errors`` examples fail.
     """
     if num_threads < 1:
-        raise ValueError(f"`num_threads` must be >= 1, got {num_threads=}")
+        raise ConfigurationError(f"`num_threads` must be >= 1, got {num_threads=}")
     ledger = ledger or BudgetLedger()
     before = ledger.usage()
     limit = max_errors if max_errors is not None else max(5, len(examples) // 4)

@@ -31,6 +31,8 @@ from typing import Any
 import dspy
 from dspy.signatures.signature import Signature
 
+from stageopt._errors import ConfigurationError
+
 logger = logging.getLogger(__name__)
 
 SEPARATOR = "---"
@@ -87,7 +89,7 @@ class SmallLMAdapter(dspy.Adapter):
     def __init__(self, *, max_demo_chars: int | None = None, callbacks: list[Any] | None = None) -> None:
         super().__init__(callbacks=callbacks)
         if max_demo_chars is not None and max_demo_chars <= 0:
-            raise ValueError(f"`max_demo_chars` must be positive or None, got {max_demo_chars=}")
+            raise ConfigurationError(f"`max_demo_chars` must be positive or None, got {max_demo_chars=}")
         self.max_demo_chars = max_demo_chars
         self._lock = threading.Lock()
         self.parses = 0

@@ -17,7 +17,7 @@ from typing import Any
 import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
-from stageopt._errors import ContextWindowError, ModelNotAvailableError
+from stageopt._errors import ConfigurationError, ContextWindowError, ModelNotAvailableError
 from stageopt.lm._registry import DEFAULT_MODEL, EmbeddedModel, embedded_model
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,20 @@ class _Loaded:
 
     llama: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _blank_ids: Any = None
+
+    def blank_token_ids(self) -> Any:
+        """Ids of tokens that are blank or start a new line (special tokens and EOS included)."""
+        if self._blank_ids is None:
+            import numpy as np
+
+            ids = []
+            for token in range(self.llama.n_vocab()):
+                piece = self.llama.detokenize([token])
+                if not piece.strip(b" \t") or piece.lstrip(b" \t")[:1] in (b"\n", b"\r"):
+                    ids.append(token)
+            self._blank_ids = np.array(ids, dtype=np.int64)
+        return self._blank_ids
 
 
 _LOADED: dict[tuple[str, int, int], _Loaded] = {}
@@ -63,9 +77,41 @@ def _load(spec: EmbeddedModel, n_ctx: int, n_threads: int, prefix_cache_bytes: i
             model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=512, seed=0, verbose=False
         )
         if prefix_cache_bytes > 0:
-            llama.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=prefix_cache_bytes))
+            llama.set_cache(_slim_ram_cache(prefix_cache_bytes))
         _LOADED[key] = _Loaded(llama)
         return _LOADED[key]
+
+
+def _slim_ram_cache(capacity_bytes: int) -> Any:
+    """llama.cpp's RAM prefix cache without the logits copy it keeps per entry.
+
+    ``Llama.save_state`` copies the whole logits buffer (512 x 262k floats = 512 MiB for Gemma)
+    into every cached state, and ``LlamaRAMCache`` does not count it against its capacity: a
+    50-example HotpotQA run grew past 20 GB. Without ``logits_all`` sampling never reads those
+    logits back, so each entry keeps a one-row placeholder (it broadcasts on ``load_state``) and
+    the capacity counts every byte an entry holds.
+    """
+    import llama_cpp
+    import numpy as np
+
+    class SlimRAMCache(llama_cpp.LlamaRAMCache):
+        @property
+        def cache_size(self) -> int:
+            return sum(s.llama_state_size + s.scores.nbytes + s.input_ids.nbytes for s in self.cache_state.values())
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            placeholder = np.zeros((1, value.scores.shape[1]), dtype=np.single)
+            slim = llama_cpp.LlamaState(
+                input_ids=value.input_ids,
+                scores=placeholder,
+                n_tokens=value.n_tokens,
+                llama_state=value.llama_state,
+                llama_state_size=value.llama_state_size,
+                seed=value.seed,
+            )
+            super().__setitem__(key, slim)
+
+    return SlimRAMCache(capacity_bytes=capacity_bytes)
 
 
 @dataclass
@@ -84,6 +130,10 @@ class LlamaCppEngine:
     A request with a single user message and no system text is sent as a raw completion
     prompt (the layout :class:`stageopt.lm.SmallLMAdapter` produces). Anything else is rendered
     with the model's chat template when it has one, or as a plain ``Role: text`` transcript.
+
+    A request with a ``"\n"`` stop sequence asks for one line of text, so its first token may
+    not be blank, a newline or end-of-text: without that rule small base models often answer a
+    one-line field with an empty line and go on to invent the next example.
 
     Invariants: ``max_tokens`` and the stop sequences of the request are always passed to
     llama.cpp; a prompt that leaves no room for ``max_tokens`` raises
@@ -105,9 +155,9 @@ class LlamaCppEngine:
         self.n_ctx = n_ctx or self.spec.n_ctx
         self.n_threads = n_threads or available_cores()
         if self.n_ctx < 256:
-            raise ValueError(f"`n_ctx` must be at least 256, got {self.n_ctx=}")
+            raise ConfigurationError(f"`n_ctx` must be at least 256, got {self.n_ctx=}")
         if default_max_tokens <= 0:
-            raise ValueError(f"`default_max_tokens` must be positive, got {default_max_tokens=}")
+            raise ConfigurationError(f"`default_max_tokens` must be positive, got {default_max_tokens=}")
         self.seed = seed
         self.default_max_tokens = default_max_tokens
         self.prefix_cache_bytes = prefix_cache_bytes
@@ -151,10 +201,13 @@ class LlamaCppEngine:
             options["top_p"] = config.top_p
         rendered = self.render(request)
         loaded = self.loaded
+        line_stop = "\n" in options["stop"]
         with loaded.lock:
             start = time.perf_counter()
             if isinstance(rendered, str):
                 self._check_fits(loaded.llama, rendered, max_tokens)
+                if line_stop:
+                    options["logits_processor"] = _no_blank_start(loaded)
                 raw = loaded.llama.create_completion(rendered, **options)
                 text = raw["choices"][0]["text"]
             else:
@@ -207,6 +260,26 @@ class LlamaCppEngine:
     def load_state(cls, state: dict[str, Any]) -> LlamaCppEngine:
         """Inverse of :meth:`dump_state`."""
         return cls(**state)
+
+
+def _no_blank_start(loaded: _Loaded) -> Any:
+    """A llama.cpp logits processor forbidding a blank first token (see LlamaCppEngine).
+
+    llama.cpp calls it once per sampled token, so its first call is the first token.
+    """
+    import llama_cpp
+
+    blank = loaded.blank_token_ids()
+    calls = 0
+
+    def processor(input_ids: Any, scores: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            scores[blank] = -float("inf")
+        return scores
+
+    return llama_cpp.LogitsProcessorList([processor])
 
 
 def _text(system: Any) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import dspy
 
+from stageopt._errors import ConfigurationError
 from stageopt.proposers._base import BaseDemoProposer, Demo, ProposalContext
 
 
@@ -35,7 +36,7 @@ class BootstrapDemoProposer(BaseDemoProposer):
             ("num_candidate_sets", num_candidate_sets),
         ):
             if value < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {name}={value}")
+                raise ConfigurationError(f"`{name}` must be >= 0, got {name}={value}")
         self.max_bootstrapped_demos = max_bootstrapped_demos
         self.max_labeled_demos = max_labeled_demos
         self.num_candidate_sets = num_candidate_sets

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import dspy
 
-from stageopt._errors import BudgetExhaustedError
+from stageopt._errors import BudgetExhaustedError, ConfigurationError
 from stageopt.lm._adapter import label
 from stageopt.proposers._base import BaseInstructionProposer, ProposalContext
 
@@ -88,7 +88,7 @@ class LMInstructionProposer(BaseInstructionProposer):
 
     def __init__(self, *, num_candidates: int = 3, max_attempts: int | None = None, temperature: float = 0.8):
         if num_candidates < 0:
-            raise ValueError(f"`num_candidates` must be >= 0, got {num_candidates=}")
+            raise ConfigurationError(f"`num_candidates` must be >= 0, got {num_candidates=}")
         self.num_candidates = num_candidates
         self.max_attempts = max_attempts if max_attempts is not None else 2 * num_candidates
         self.temperature = temperature

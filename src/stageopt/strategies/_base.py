@@ -249,9 +249,9 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         self.instruction_proposer = instruction_proposer or LMInstructionProposer()
         for name, value in (("bootstrap_size", bootstrap_size), ("num_threads", num_threads)):
             if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {name}={value}")
+                raise ConfigurationError(f"`{name}` must be >= 1, got {name}={value}")
         if val_size is not None and val_size < 1:
-            raise ValueError(f"`val_size` must be >= 1 or None, got {val_size=}")
+            raise ConfigurationError(f"`val_size` must be >= 1 or None, got {val_size=}")
         self.bootstrap_size = bootstrap_size
         self.val_size = val_size
         self.seed = seed

@@ -7,6 +7,7 @@ from typing import Any
 
 import optuna
 
+from stageopt._errors import ConfigurationError
 from stageopt.strategies._base import BaseStageOptimizer, RunState
 from stageopt.strategies._space import config_from_params
 
@@ -45,13 +46,13 @@ class CoordinateDescent(BaseStageOptimizer):
     ) -> None:
         super().__init__(metric, budget=budget, **kwargs)
         if max_rounds < 1:
-            raise ValueError(f"`max_rounds` must be >= 1, got {max_rounds=}")
+            raise ConfigurationError(f"`max_rounds` must be >= 1, got {max_rounds=}")
         if trials_per_stage is not None and trials_per_stage < 1:
-            raise ValueError(f"`trials_per_stage` must be >= 1 or None, got {trials_per_stage=}")
+            raise ConfigurationError(f"`trials_per_stage` must be >= 1 or None, got {trials_per_stage=}")
         if min_delta < 0:
-            raise ValueError(f"`min_delta` must be >= 0, got {min_delta=}")
+            raise ConfigurationError(f"`min_delta` must be >= 0, got {min_delta=}")
         if patience < 1:
-            raise ValueError(f"`patience` must be >= 1, got {patience=}")
+            raise ConfigurationError(f"`patience` must be >= 1, got {patience=}")
         self.max_rounds = max_rounds
         self.trials_per_stage = trials_per_stage
         self.min_delta = min_delta

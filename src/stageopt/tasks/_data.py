@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,12 @@ def read_jsonl(
     fields: Mapping[str, type | tuple[type, ...]],
     *,
     n: int | None = None,
+    check: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Read up to ``n`` rows of ``path``, checking each required field's presence and type.
+
+    ``check`` may validate a row further: it returns what is wrong with it (e.g. "field
+    'context' must hold ...") or None, and the message is raised with the file and line.
 
     Raises:
         DataError: naming the file, the 1-based line number and the field, for invalid JSON,
@@ -83,6 +87,9 @@ def read_jsonl(
                         f"{path}:{lineno}: field {field!r} should be {_kind_name(kind)}, "
                         f"got {type(row[field]).__name__}"
                     )
+            problem = check(row) if check is not None else None
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows read; the file is empty")

@@ -1,0 +1,24 @@
+"""Benchmark tasks: data, program, metric and stage metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stageopt._errors import ConfigurationError
+from stageopt.tasks._base import BaseTask, StageMetric
+from stageopt.tasks._data import DATA_DIR_ENV, data_dir
+from stageopt.tasks.hotpotqa import HotpotQATask
+
+TASKS: dict[str, type[BaseTask]] = {"hotpotqa": HotpotQATask}
+
+
+def get_task(name: str, **settings: Any) -> BaseTask:
+    """Build the task registered as ``name``; raises listing the known names."""
+    try:
+        cls = TASKS[name]
+    except KeyError:
+        raise ConfigurationError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}") from None
+    return cls(**settings)
+
+
+__all__ = ["DATA_DIR_ENV", "TASKS", "BaseTask", "HotpotQATask", "StageMetric", "data_dir", "get_task"]

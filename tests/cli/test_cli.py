@@ -1,0 +1,111 @@
+"""The CLI: one clear line and exit code 2 for bad input; eval and optimize write what they promise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+
+from stageopt.cli import _commands
+from stageopt.cli._main import main
+from tests.conftest import scripted_lm
+from tests.tasks.test_hotpotqa import ROW, _script, _write
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    return [{**ROW, "id": f"x{i}"} for i in range(n)]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    root = _write(tmp_path / "data", _rows(6), "dev")
+    _write(root, _rows(8), "train")
+    return root
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_resolve(spec: str, **kwargs: Any) -> dspy.LM:
+        return scripted_lm(_script)
+
+    monkeypatch.setattr(_commands, "resolve_lm", fake_resolve)
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected an error message"
+    assert err[-1].startswith("stageopt: error: ")
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--task", "nope"], "unknown task 'nope'; known: hotpotqa"),
+        (["eval", "--n", "0"], "--n must be >= 1"),
+        (["eval", "--num-threads", "0"], "--num-threads must be >= 1"),
+        (["eval", "--split", "test"], "known splits are train and dev"),
+        (["eval", "--program", "missing.json"], "--program missing.json does not exist"),
+        (["optimize", "--budget-calls", "0", "--out", "runs/x"], "lm_calls"),
+        (["optimize", "--budget-calls", "10", "--out", "nowhere", "--resume"], "no run found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    argv: list[str], message: str, data: Path, scripted: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--data-dir", str(data)]) == 2
+    assert message in _error_line(capsys)
+
+
+def test_malformed_data_names_the_line(tmp_path: Path, scripted: None, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _write(tmp_path, [ROW, "{oops"], "dev")
+    assert main(["eval", "--data-dir", str(root), "--n", "5"]) == 2
+    assert "dev.jsonl:2: invalid JSON" in _error_line(capsys)
+
+
+def test_missing_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--data-dir", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_eval_prints_score_and_stage_table(
+    data: Path, scripted: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "report.json"
+    assert main(["eval", "--data-dir", str(data), "--n", "3", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "score 1.000" in out
+    for stage in ("query1", "query2", "answer"):
+        assert stage in out
+    saved = json.loads(report.read_text())
+    assert saved["n"] == 3
+    assert saved["usage"]["lm_calls"] == 9
+    assert saved["stages"]["answer"]["parse_rate"] == 1.0
+
+
+def test_optimize_writes_result_program_and_study(
+    data: Path, scripted: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["optimize", "--data-dir", str(data), "--budget-calls", "60", "--out", str(out), "--val-size", "3"]
+    assert main([*argv, "--bootstrap-size", "3", "--seed", "1"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"result.json", "program.json", "optuna.db"}
+    result = json.loads((out / "result.json").read_text())
+    for key in ("schema_version", "strategy", "task", "seed", "budget", "usage", "baseline", "best", "history"):
+        assert key in result
+    assert result["task"] == "hotpotqa"
+    assert result["seed"] == 1
+    assert result["usage"]["lm_calls"] <= 60
+    assert set(result["usage"]) >= {"lm_calls", "backend_calls", "prompt_tokens", "completion_tokens", "wall_s"}
+    assert {"trial", "lm_calls", "score", "stage"} <= set(result["history"][0])
+    assert "run directory" in capsys.readouterr().out
+
+    # the saved program loads with DSPy's own `load` and `eval --program` scores it
+    assert main(["eval", "--data-dir", str(data), "--n", "2", "--program", str(out / "program.json")]) == 0
+    # a second run into the same directory is refused unless resumed
+    assert main(argv) == 2
+    assert "--resume" in _error_line(capsys)
