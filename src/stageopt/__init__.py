@@ -14,13 +14,27 @@ from stageopt._errors import (
     ModelNotAvailableError,
     StageoptError,
 )
+from stageopt.evaluation import Budget, EvaluationReport, evaluate
+from stageopt.lm import LocalLM, SmallLMAdapter, resolve_lm
+from stageopt.strategies import CoordinateDescent, OptimizationResult, get_strategy
+from stageopt.tasks import get_task
 
 __all__ = [
+    "Budget",
     "BudgetExhaustedError",
     "ConfigurationError",
     "ContextWindowError",
+    "CoordinateDescent",
     "DataError",
     "EvaluationError",
+    "EvaluationReport",
+    "LocalLM",
     "ModelNotAvailableError",
+    "OptimizationResult",
+    "SmallLMAdapter",
     "StageoptError",
+    "evaluate",
+    "get_strategy",
+    "get_task",
+    "resolve_lm",
 ]

@@ -60,6 +60,31 @@ _LOADED: dict[tuple[str, int, int], _Loaded] = {}
 _LOAD_LOCK = threading.Lock()
 
 
+_LLAMA_LOG_CALLBACK: Any = None
+
+
+def _route_llama_logs(llama_cpp: Any) -> None:
+    """Send llama.cpp's own messages to the ``stageopt.llama_cpp`` logger at DEBUG level.
+
+    llama-cpp-python maps ggml log levels with an outdated table, so warnings such as
+    "using full-size SWA cache" reach stderr even with ``verbose=False``; failures surface as
+    Python exceptions anyway.
+    """
+    global _LLAMA_LOG_CALLBACK
+    if _LLAMA_LOG_CALLBACK is not None:
+        return
+    import ctypes
+
+    llama_logger = logging.getLogger("stageopt.llama_cpp")
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        llama_logger.debug("%s", text.decode("utf-8", errors="replace").rstrip())
+
+    _LLAMA_LOG_CALLBACK = callback  # ctypes callbacks must outlive their registration
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
 def _load(spec: EmbeddedModel, n_ctx: int, n_threads: int, prefix_cache_bytes: int) -> _Loaded:
     key = (spec.name, n_ctx, n_threads)
     with _LOAD_LOCK:
@@ -71,6 +96,7 @@ def _load(spec: EmbeddedModel, n_ctx: int, n_threads: int, prefix_cache_bytes: i
             raise ModelNotAvailableError(
                 "the embedded backend needs llama-cpp-python: run `pip install 'stageopt[local]'`"
             ) from exc
+        _route_llama_logs(llama_cpp)
         path = spec.path()
         logger.info("loading %s from %s (n_ctx=%d, n_threads=%d)", spec.name, path, n_ctx, n_threads)
         llama = llama_cpp.Llama(
