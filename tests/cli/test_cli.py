@@ -85,6 +85,10 @@ def test_eval_prints_score_and_stage_table(
     assert saved["n"] == 3
     assert saved["usage"]["lm_calls"] == 9
     assert saved["stages"]["answer"]["parse_rate"] == 1.0
+    trace = saved["examples"][0]["trace"]
+    assert [t["stage"] for t in trace] == ["query1", "query2", "answer"]
+    assert trace[2]["outputs"]["answer"] == "Paris"
+    assert "[France]" in trace[2]["inputs"]["passages"]
 
 
 def test_optimize_writes_result_program_and_study(

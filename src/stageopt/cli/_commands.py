@@ -54,6 +54,7 @@ def _evaluate(
         num_threads=args.num_threads,
         progress=True,
         desc=desc,
+        capture_traces=True,
     )
 
 
@@ -176,7 +177,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     budget = Budget(lm_calls=args.budget_calls, tokens=args.budget_tokens, wall_s=args.budget_seconds)
     task, lm, adapter = _setup(args)
     trainset = task.load("train", n=args.n_train)
-    extra = {"max_rounds": args.max_rounds} if args.strategy == "coordinate" else {}
+    extra = (
+        {"max_rounds": args.max_rounds, "trials_per_stage": args.trials_per_stage}
+        if args.strategy == "coordinate"
+        else {}
+    )
     _, result = _run_optimizer(task, lm, adapter, trainset, out, args, budget, args.strategy, extra)
     print(
         f"{result.strategy}: {result.status} ({result.stop_reason}); validation score "
@@ -199,7 +204,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     before = _evaluate(task, task.program(), dev, lm, adapter, args, desc="before")
     print("[2/3] optimizing (coordinate descent; selection uses train only) ...", file=sys.stderr)
     program, result = _run_optimizer(
-        task, lm, adapter, train, out, args, Budget(lm_calls=args.budget_calls), "coordinate", {"max_rounds": 2}
+        task,
+        lm,
+        adapter,
+        train,
+        out,
+        args,
+        Budget(lm_calls=args.budget_calls),
+        "coordinate",
+        {"max_rounds": 2, "trials_per_stage": args.trials_per_stage},
     )
     print("[3/3] scoring the optimized program on the same dev examples ...", file=sys.stderr)
     after = _evaluate(task, program, dev, lm, adapter, args, desc="after")

@@ -51,13 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--val-size", type=int, default=20, help="validation examples per trial")
     opt.add_argument("--bootstrap-size", type=int, default=16, help="training examples traced for demos")
     opt.add_argument("--max-rounds", type=int, default=3, help="coordinate-descent rounds")
+    opt.add_argument(
+        "--trials-per-stage", type=int, default=None, help="coordinate: trials per stage per round (default: up to 6)"
+    )
     opt.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
     opt.add_argument("--resume", action="store_true", help="continue the run in --out")
 
     demo = sub.add_parser("demo", help="before/after optimization on the embedded default model")
     _common(demo)
     demo.add_argument("--n", type=int, default=20, help="dev examples scored before and after")
-    demo.add_argument("--budget-calls", type=int, default=300, help="optimization budget in LM calls")
+    demo.add_argument("--budget-calls", type=int, default=500, help="optimization budget in LM calls")
+    demo.add_argument("--trials-per-stage", type=int, default=4, help="coordinate-descent trials per stage per round")
     demo.add_argument("--val-size", type=int, default=10, help="validation examples (from train) per trial")
     demo.add_argument("--bootstrap-size", type=int, default=12, help="training examples traced for demos")
     demo.add_argument("--out", default="runs/demo", help="run directory")

@@ -12,6 +12,10 @@ from stageopt.strategies._base import BaseStageOptimizer, RunState
 from stageopt.strategies._space import config_from_params
 
 
+#: Sampled configurations tried per counted (not previously scored) trial before a stage gives up.
+MAX_ATTEMPTS_PER_TRIAL = 3
+
+
 class CoordinateDescent(BaseStageOptimizer):
     """Optimize each stage in turn with the other stages frozen at the best configuration so far.
 
@@ -69,8 +73,14 @@ class CoordinateDescent(BaseStageOptimizer):
         for round_no in range(1, self.max_rounds + 1):
             before = state.best.score if state.best else 0.0
             for stage in state.space.names():
-                done = len(state.trials_in(phase="coordinate", stage=stage, round=round_no))
-                for _ in range(done, self._trials_for(state, stage)):
+                target = self._trials_for(state, stage)
+                # A sampled configuration scored before is told again for free and does not count
+                # toward the stage's trials; attempts are capped so a small pool cannot loop forever.
+                while True:
+                    records = state.trials_in(phase="coordinate", stage=stage, round=round_no)
+                    fresh = sum(1 for r in records if not r.repeated)
+                    if fresh >= target or len(records) >= MAX_ATTEMPTS_PER_TRIAL * target:
+                        break
                     base = state.best_config()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
