@@ -11,7 +11,6 @@ from stageopt._errors import ConfigurationError
 from stageopt.strategies._base import BaseStageOptimizer, RunState
 from stageopt.strategies._space import config_from_params
 
-
 #: Sampled configurations tried per counted (not previously scored) trial before a stage gives up.
 MAX_ATTEMPTS_PER_TRIAL = 3
 
