@@ -32,7 +32,7 @@ from stageopt.proposers import (
     ProposalContext,
 )
 from stageopt.strategies._result import OptimizationResult, TrialRecord
-from stageopt.strategies._space import Config, SearchSpace, config_key
+from stageopt.strategies._space import Config, SearchSpace, config_key, validate_models, validate_settings
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,16 @@ class RunState:
     def best_config(self) -> Config:
         """The best configuration so far, or the original program's."""
         best = self.best
-        return best.params if best is not None else self.space.default_config()
+        config = best.params if best is not None else self.space.default_config()
+        return {stage: dict(choice) for stage, choice in config.items()}  # a copy: callers edit it
+
+    def checkpoint_usage(self) -> None:
+        """Store what the run has spent so far in the study, so a resumed run counts it.
+
+        Trials store their usage themselves; call this after spending outside a trial (e.g.
+        an LM mutation of an instruction). :meth:`BaseStageOptimizer.finish` calls it too.
+        """
+        self.study.set_user_attr("usage_latest", self.ledger.usage().to_dict())
 
     def trials_in(self, **attrs: Any) -> list[TrialRecord]:
         """Completed trials whose phase/stage/round equal ``attrs``."""
@@ -208,6 +217,11 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         max_errors: Failing examples tolerated per evaluation.
         threshold: Score at which a trace counts as a success for bootstrapping.
         progress: Show progress bars.
+        settings: Setting knobs to search per stage besides instructions and demos, each a list
+            of choices, e.g. ``{"temperature": [0.0, 0.7], "module": ["predict", "cot"]}``; knobs
+            ``temperature``, ``n_demos``, ``module``, ``model`` (see :mod:`~stageopt.strategies._space`).
+            Each stage's original setting is always choice 0. A resumed run keeps its stored choices.
+        models: LMs by name for the ``model`` knob (its choices are these names); calls are metered.
     """
 
     strategy_name = "base"
@@ -234,6 +248,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         max_errors: int | None = None,
         threshold: float = 0.5,
         progress: bool = False,
+        settings: Mapping[str, Sequence[Any]] | None = None,
+        models: Mapping[str, dspy.BaseLM] | None = None,
     ) -> None:
         super().__init__()
         check_metric(metric)
@@ -263,6 +279,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         self.max_errors = max_errors
         self.threshold = threshold
         self.progress = progress
+        self.models = validate_models(models)
+        self.settings = validate_settings(settings, self.models)
         self.result: OptimizationResult | None = None
 
     # ---- the one method strategies implement ----------------------------------------------
@@ -373,6 +391,9 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
     def stored_usage(study: optuna.Study) -> Usage:
         """What earlier runs of this study spent (for resume)."""
         latest: dict[str, Any] = dict(study.user_attrs.get("usage_after_proposals", {}))
+        checkpoint = study.user_attrs.get("usage_latest")
+        if checkpoint and checkpoint.get("lm_calls", 0) >= latest.get("lm_calls", 0):
+            latest = dict(checkpoint)
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             usage = trial.user_attrs.get("usage")
             if usage and usage.get("lm_calls", 0) >= latest.get("lm_calls", 0):
@@ -388,9 +409,10 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         ledger: BudgetLedger,
     ) -> SearchSpace:
         """The candidate pools: from the study when resuming, else proposed now and stored."""
+        models = {name: MeteredLM(model, ledger) for name, model in self.models.items()}
         if "space" in study.user_attrs:
-            return SearchSpace.from_dict(study.user_attrs["space"])
-        space = SearchSpace.initial(program)
+            return SearchSpace.from_dict(study.user_attrs["space"], models=models)
+        space = SearchSpace.initial(program, settings=self.settings, models=models)
         prompt_lm = MeteredLM(self.prompt_lm, ledger) if self.prompt_lm is not None else lm
         notes: dict[str, Any] = {}
         try:
@@ -453,6 +475,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
 
     def finish(self, state: RunState, status: str, reason: str | None) -> dspy.Module:
         """Build :attr:`result` and return the best program found on validation."""
+        state.checkpoint_usage()
         baseline = next(iter(state.trials_in(phase="baseline")), None)
         best = state.best
         best_config = best.params if best is not None else state.space.default_config()
@@ -481,7 +504,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             },
             notes={"proposals": state.study.user_attrs.get("proposal_notes", {})},
         )
-        return state.space.apply(state.program, best_config)
+        # The returned program runs on the caller's LMs, not on this run's metered copies.
+        return state.space.apply(state.program, best_config, models=self.models)
 
 
 def _jsonable(value: Any) -> Any:
