@@ -2,10 +2,30 @@
 
 from stageopt.strategies._base import BaseStageOptimizer, RunState, StopSearch, check_metric
 from stageopt.strategies._coordinate import CoordinateDescent
+from stageopt.strategies._evolutionary import Evolutionary
+from stageopt.strategies._grid import GridSearch
+from stageopt.strategies._hierarchical import HierarchicalBayesian
+from stageopt.strategies._independent import IndependentStages
+from stageopt.strategies._joint import JointBayesian
+from stageopt.strategies._multifidelity import SuccessiveHalving
+from stageopt.strategies._random import RandomSearch
 from stageopt.strategies._result import SCHEMA_VERSION, OptimizationResult, TrialRecord
 from stageopt.strategies._space import SearchSpace, StageCandidates, config_key
 
-STRATEGIES: dict[str, type[BaseStageOptimizer]] = {"coordinate": CoordinateDescent}
+#: Every strategy by its CLI name (``--strategy NAME``).
+STRATEGIES: dict[str, type[BaseStageOptimizer]] = {
+    cls.strategy_name: cls
+    for cls in (
+        IndependentStages,
+        CoordinateDescent,
+        JointBayesian,
+        HierarchicalBayesian,
+        SuccessiveHalving,
+        Evolutionary,
+        RandomSearch,
+        GridSearch,
+    )
+}
 
 
 def get_strategy(name: str) -> type[BaseStageOptimizer]:
@@ -23,11 +43,18 @@ __all__ = [
     "STRATEGIES",
     "BaseStageOptimizer",
     "CoordinateDescent",
+    "Evolutionary",
+    "GridSearch",
+    "HierarchicalBayesian",
+    "IndependentStages",
+    "JointBayesian",
     "OptimizationResult",
+    "RandomSearch",
     "RunState",
     "SearchSpace",
     "StageCandidates",
     "StopSearch",
+    "SuccessiveHalving",
     "TrialRecord",
     "check_metric",
     "config_key",

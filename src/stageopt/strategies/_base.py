@@ -77,13 +77,29 @@ class RunState:
     bar: Any = None
 
     @property
+    def full_fidelity(self) -> int:
+        """Number of validation examples a full-fidelity trial is scored on."""
+        return len(self.valset)
+
+    @property
     def best(self) -> TrialRecord | None:
-        """The best trial so far (earliest among ties)."""
+        """The best full-fidelity trial so far (earliest among ties).
+
+        Trials scored on a subset of the validation set or as a cheaper variant (multi-fidelity
+        rungs) never count: the returned program is the best on the whole validation set.
+        """
         best: TrialRecord | None = None
         for record in self.records:
+            if record.fidelity != self.full_fidelity or record.variant is not None:
+                continue
             if best is None or record.score > best.score:
                 best = record
         return best
+
+    def recorded(self, config: Config, examples: Sequence[dspy.Example] | None = None) -> bool:
+        """Whether ``config`` was already scored on ``examples`` (default: the validation set)."""
+        n = len(examples) if examples is not None else self.full_fidelity
+        return f"{config_key(config)}@{n}" in self.scores
 
     def best_config(self) -> Config:
         """The best configuration so far, or the original program's."""
@@ -112,14 +128,31 @@ class RunState:
         round: int | None = None,
         trial: optuna.trial.Trial | None = None,
         examples: Sequence[dspy.Example] | None = None,
+        variant: str | None = None,
+        transform: Callable[[dspy.Module], dspy.Module] | None = None,
     ) -> TrialRecord:
         """Score ``config`` and record it as a trial (asking Optuna for one when none is given).
 
         A configuration already scored on the same examples is told again with its known score
         and spends nothing. Raises :class:`StopSearch` when the budget cannot pay for the trial.
+
+        Args:
+            config: The configuration to score.
+            phase: Strategy phase, stored with the trial.
+            stage: The stage this trial changes (None: all or none).
+            round: Round or generation number, when the strategy has them.
+            trial: The Optuna trial to tell (default: a new one).
+            examples: Examples to score on (default: the validation set). Subsets must be
+                prefixes of :attr:`valset`, so that equal sizes mean equal examples (paired).
+            variant: Name of a cheaper way of running ``config`` (e.g. a multi-fidelity rung's
+                demo and output-length caps); part of the repeat key, so it must name
+                ``transform`` exactly. None: the configuration as it is.
+            transform: Applied to the configured program before it runs (with ``variant``).
         """
         examples = list(examples if examples is not None else self.valset)
-        key = f"{config_key(config)}@{len(examples)}"
+        if (variant is None) != (transform is None):
+            raise ConfigurationError("`variant` and `transform` go together: name every transform")
+        key = f"{config_key(config)}@{len(examples)}" + (f"#{variant}" if variant else "")
         if trial is None:
             trial = self.study.ask()
         repeated = key in self.scores
@@ -132,6 +165,8 @@ class RunState:
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise StopSearch("budget_exhausted", reason)
             program = self.space.apply(self.program, config)
+            if transform is not None:
+                program = transform(program)
             opt = self.optimizer
             try:
                 report = evaluate(
@@ -168,6 +203,7 @@ class RunState:
             tokens=usage.tokens,
             wall_s=round_s(usage.wall_s),
             repeated=repeated,
+            variant=variant,
         )
         for name, value in record.to_dict().items():
             trial.set_user_attr(name, value)
@@ -367,6 +403,12 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             val = random.Random(self.seed + 1).sample(val, self.val_size)
         return boot, val
 
+    def default_sampler(self) -> optuna.samplers.BaseSampler:
+        """The sampler used when none is given: multivariate TPE, seeded (strategies may override)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(multivariate=True, group=True, seed=self.seed, n_startup_trials=4)
+
     def open_study(self) -> optuna.Study:
         """Create or load the study (SQLite in ``run_dir`` by default)."""
         storage = self.storage
@@ -375,9 +417,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             storage = f"sqlite:///{(self.run_dir / 'optuna.db').resolve()}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = self.sampler or optuna.samplers.TPESampler(
-                multivariate=True, group=True, seed=self.seed, n_startup_trials=4
-            )
+            sampler = self.sampler or self.default_sampler()
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             return optuna.create_study(
                 storage=storage,
@@ -467,7 +507,9 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 known = set(TrialRecord.__dataclass_fields__)
                 record = TrialRecord(**{k: v for k, v in attrs.items() if k in known})
                 state.records.append(record)
-                key = f"{config_key(record.params)}@{record.fidelity}"
+                key = f"{config_key(record.params)}@{record.fidelity}" + (
+                    f"#{record.variant}" if record.variant else ""
+                )
                 state.scores[key] = (record.score, record.stage_metrics)
                 state.calls_per_example = attrs.get("calls_per_example", state.calls_per_example)
         if state.records:

@@ -30,6 +30,7 @@ class TrialRecord:
         tokens: Tokens of the run so far, after this trial.
         wall_s: Seconds of the run so far, after this trial.
         repeated: True when the configuration had been scored before (no calls were spent).
+        variant: The cheaper way it was run (e.g. a multi-fidelity rung's caps), None: as is.
     """
 
     trial: int
@@ -44,6 +45,7 @@ class TrialRecord:
     tokens: int
     wall_s: float
     repeated: bool = False
+    variant: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record."""
