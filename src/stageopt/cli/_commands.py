@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 import time
@@ -166,6 +167,38 @@ def _run_optimizer(
     return program, result
 
 
+def strategy_options(strategy: str, options: list[str]) -> dict[str, Any]:
+    """Strategy settings from ``--option KEY=VALUE`` flags (VALUE parsed as JSON, else a string).
+
+    Raises:
+        ConfigurationError: for a malformed flag or a KEY the strategy's constructor does not take.
+    """
+    cls = get_strategy(strategy)
+    own = {
+        name
+        for klass in cls.__mro__
+        if klass.__module__.startswith("stageopt.strategies.") and klass.__name__ != "BaseStageOptimizer"
+        for name, p in inspect.signature(klass.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "budget"
+    }
+    out: dict[str, Any] = {}
+    for option in options:
+        key, sep, raw = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigurationError(f"--option {option!r}: write KEY=VALUE, e.g. --option n_trials=20")
+        if key not in own:
+            known = ", ".join(sorted(own)) or "none"
+            raise ConfigurationError(
+                f"--option {key!r} is not a setting of strategy {strategy!r}; its settings: {known}"
+            )
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     """``stageopt optimize``."""
     out = Path(args.out)
@@ -177,11 +210,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     budget = Budget(lm_calls=args.budget_calls, tokens=args.budget_tokens, wall_s=args.budget_seconds)
     task, lm, adapter = _setup(args)
     trainset = task.load("train", n=args.n_train)
-    extra = (
-        {"max_rounds": args.max_rounds, "trials_per_stage": args.trials_per_stage}
-        if args.strategy == "coordinate"
-        else {}
-    )
+    extra = strategy_options(args.strategy, getattr(args, "option", None) or [])
+    if args.strategy == "coordinate":
+        extra = {"max_rounds": args.max_rounds, "trials_per_stage": args.trials_per_stage, **extra}
     _, result = _run_optimizer(task, lm, adapter, trainset, out, args, budget, args.strategy, extra)
     print(
         f"{result.strategy}: {result.status} ({result.stop_reason}); validation score "

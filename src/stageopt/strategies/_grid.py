@@ -12,6 +12,14 @@ from stageopt.strategies._base import BaseStageOptimizer, RunState
 from stageopt.strategies._joint import sampler_loop
 
 
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """``GridSampler`` for ask/tell: it does not call ``study.stop()``, which only works inside
+    ``study.optimize``; :class:`GridSearch` stops by itself when every grid point is scored."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
 class GridSearch(BaseStageOptimizer):
     """Baseline: score every combination of every stage's choices (Optuna's ``GridSampler``).
 
@@ -44,7 +52,7 @@ class GridSearch(BaseStageOptimizer):
                 f"the grid has {size} configurations, more than max_grid={self.max_grid}; "
                 "use --strategy random (or joint) for a space this large, or raise max_grid"
             )
-        state.study.sampler = optuna.samplers.GridSampler(grid, seed=self.seed)
+        state.study.sampler = _AskTellGridSampler(grid, seed=self.seed)
         status, reason = sampler_loop(state, phase="grid", n_trials=size, patience=None, min_delta=0.0)
         if status == "completed":
             reason = f"all {size} grid configurations scored"

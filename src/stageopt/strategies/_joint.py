@@ -112,4 +112,6 @@ class JointBayesian(BaseStageOptimizer):
         self.min_delta = min_delta
 
     def _search(self, state: RunState) -> tuple[str, str | None]:
-        return sampler_loop(state, phase="joint", n_trials=self.n_trials, patience=self.patience, min_delta=self.min_delta)
+        return sampler_loop(
+            state, phase="joint", n_trials=self.n_trials, patience=self.patience, min_delta=self.min_delta
+        )
