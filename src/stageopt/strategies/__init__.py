@@ -1,6 +1,6 @@
 """Search strategies across stages, all DSPy Teleprompters sharing one machinery."""
 
-from stageopt.strategies._base import BaseStageOptimizer, RunState, StopSearch, check_metric
+from stageopt.strategies._base import BaseStageOptimizer, check_metric
 from stageopt.strategies._coordinate import CoordinateDescent
 from stageopt.strategies._evolutionary import Evolutionary
 from stageopt.strategies._grid import GridSearch
@@ -11,6 +11,7 @@ from stageopt.strategies._multifidelity import SuccessiveHalving
 from stageopt.strategies._random import RandomSearch
 from stageopt.strategies._result import SCHEMA_VERSION, OptimizationResult, TrialRecord
 from stageopt.strategies._space import SearchSpace, StageCandidates, config_key
+from stageopt.strategies._state import RunState, ScoredConfig, StopSearch
 
 #: Every strategy by its CLI name (``--strategy NAME``).
 STRATEGIES: dict[str, type[BaseStageOptimizer]] = {
@@ -51,6 +52,7 @@ __all__ = [
     "OptimizationResult",
     "RandomSearch",
     "RunState",
+    "ScoredConfig",
     "SearchSpace",
     "StageCandidates",
     "StopSearch",

@@ -14,7 +14,6 @@ import logging
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +31,12 @@ from stageopt.proposers import (
     ProposalContext,
 )
 from stageopt.strategies._result import OptimizationResult, TrialRecord
-from stageopt.strategies._space import Config, SearchSpace, config_key, validate_models, validate_settings
+from stageopt.strategies._space import SearchSpace, config_key, validate_models, validate_settings
+from stageopt.strategies._state import RunState, StopSearch
 
 logger = logging.getLogger(__name__)
 
 ExampleMetric = Callable[[dspy.Example, dspy.Prediction], float]
-
-
-class StopSearch(Exception):
-    """Raised inside a search to end it; ``status`` is one of the result statuses."""
-
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 def check_metric(metric: Callable[..., float]) -> None:
@@ -58,176 +49,6 @@ def check_metric(metric: Callable[..., float]) -> None:
         raise TypeError(f"`metric` must accept (example, prediction, trace=None) like a DSPy metric: {exc}") from exc
     except ValueError:  # builtins without a signature: accept
         pass
-
-
-@dataclass
-class RunState:
-    """Everything a search step needs: the space, the study, the ledger and the trials so far."""
-
-    optimizer: BaseStageOptimizer
-    program: dspy.Module
-    space: SearchSpace
-    study: optuna.Study
-    ledger: BudgetLedger
-    valset: list[dspy.Example]
-    lm: dspy.BaseLM
-    records: list[TrialRecord] = field(default_factory=list)
-    scores: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
-    calls_per_example: float = 0.0
-    bar: Any = None
-
-    @property
-    def full_fidelity(self) -> int:
-        """Number of validation examples a full-fidelity trial is scored on."""
-        return len(self.valset)
-
-    @property
-    def best(self) -> TrialRecord | None:
-        """The best full-fidelity trial so far (earliest among ties).
-
-        Trials scored on a subset of the validation set or as a cheaper variant (multi-fidelity
-        rungs) never count: the returned program is the best on the whole validation set.
-        """
-        best: TrialRecord | None = None
-        for record in self.records:
-            if record.fidelity != self.full_fidelity or record.variant is not None:
-                continue
-            if best is None or record.score > best.score:
-                best = record
-        return best
-
-    def recorded(self, config: Config, examples: Sequence[dspy.Example] | None = None) -> bool:
-        """Whether ``config`` was already scored on ``examples`` (default: the validation set)."""
-        n = len(examples) if examples is not None else self.full_fidelity
-        return f"{config_key(config)}@{n}" in self.scores
-
-    def best_config(self) -> Config:
-        """The best configuration so far, or the original program's."""
-        best = self.best
-        config = best.params if best is not None else self.space.default_config()
-        return {stage: dict(choice) for stage, choice in config.items()}  # a copy: callers edit it
-
-    def checkpoint_usage(self) -> None:
-        """Store what the run has spent so far in the study, so a resumed run counts it.
-
-        Trials store their usage themselves; call this after spending outside a trial (e.g.
-        an LM mutation of an instruction). :meth:`BaseStageOptimizer.finish` calls it too.
-        """
-        self.study.set_user_attr("usage_latest", self.ledger.usage().to_dict())
-
-    def trials_in(self, **attrs: Any) -> list[TrialRecord]:
-        """Completed trials whose phase/stage/round equal ``attrs``."""
-        return [r for r in self.records if all(getattr(r, k) == v for k, v in attrs.items())]
-
-    def run_trial(
-        self,
-        config: Config,
-        *,
-        phase: str,
-        stage: str | None = None,
-        round: int | None = None,
-        trial: optuna.trial.Trial | None = None,
-        examples: Sequence[dspy.Example] | None = None,
-        variant: str | None = None,
-        transform: Callable[[dspy.Module], dspy.Module] | None = None,
-    ) -> TrialRecord:
-        """Score ``config`` and record it as a trial (asking Optuna for one when none is given).
-
-        A configuration already scored on the same examples is told again with its known score
-        and spends nothing. Raises :class:`StopSearch` when the budget cannot pay for the trial.
-
-        Args:
-            config: The configuration to score.
-            phase: Strategy phase, stored with the trial.
-            stage: The stage this trial changes (None: all or none).
-            round: Round or generation number, when the strategy has them.
-            trial: The Optuna trial to tell (default: a new one).
-            examples: Examples to score on (default: the validation set). Subsets must be
-                prefixes of :attr:`valset`, so that equal sizes mean equal examples (paired).
-            variant: Name of a cheaper way of running ``config`` (e.g. a multi-fidelity rung's
-                demo and output-length caps); part of the repeat key, so it must name
-                ``transform`` exactly. None: the configuration as it is.
-            transform: Applied to the configured program before it runs (with ``variant``).
-        """
-        examples = list(examples if examples is not None else self.valset)
-        if (variant is None) != (transform is None):
-            raise ConfigurationError("`variant` and `transform` go together: name every transform")
-        key = f"{config_key(config)}@{len(examples)}" + (f"#{variant}" if variant else "")
-        if trial is None:
-            trial = self.study.ask()
-        repeated = key in self.scores
-        if repeated:
-            score, stage_metrics = self.scores[key]
-        else:
-            needed = int(self.calls_per_example * len(examples)) if self.calls_per_example else 1
-            reason = self.ledger.exhausted_reason(calls_needed=needed)
-            if reason is not None:
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise StopSearch("budget_exhausted", reason)
-            program = self.space.apply(self.program, config)
-            if transform is not None:
-                program = transform(program)
-            opt = self.optimizer
-            try:
-                report = evaluate(
-                    program,
-                    examples,
-                    opt.metric,
-                    lm=self.lm,
-                    adapter=opt.adapter,
-                    stage_metrics=opt.stage_metrics,
-                    ledger=self.ledger,
-                    num_threads=opt.num_threads,
-                    max_errors=opt.max_errors,
-                    progress=opt.progress,
-                    desc=f"trial {trial.number}",
-                )
-            except BudgetExhaustedError as exc:
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise StopSearch("budget_exhausted", str(exc)) from exc
-            score, stage_metrics = report.score, report.stage_metrics
-            self.scores[key] = (score, stage_metrics)
-            if not self.calls_per_example and report.n:
-                self.calls_per_example = report.usage.lm_calls / report.n
-        usage = self.ledger.usage()
-        record = TrialRecord(
-            trial=trial.number,
-            phase=phase,
-            stage=stage,
-            round=round,
-            params=config,
-            fidelity=len(examples),
-            score=score,
-            stage_metrics=stage_metrics,
-            lm_calls=usage.lm_calls,
-            tokens=usage.tokens,
-            wall_s=round_s(usage.wall_s),
-            repeated=repeated,
-            variant=variant,
-        )
-        for name, value in record.to_dict().items():
-            trial.set_user_attr(name, value)
-        trial.set_user_attr("usage", usage.to_dict())
-        trial.set_user_attr("calls_per_example", self.calls_per_example)
-        self.study.tell(trial, score)
-        self.records.append(record)
-        if self.bar is not None:
-            self.bar.n = min(usage.lm_calls, self.bar.total or usage.lm_calls)
-            self.bar.set_postfix(trial=record.trial, score=f"{score:.3f}", best=f"{self.best.score:.3f}")  # type: ignore[union-attr]
-        logger.info(
-            "trial %d (%s %s) score %.4f, %d calls so far",
-            record.trial,
-            phase,
-            stage or "",
-            score,
-            usage.lm_calls,
-        )
-        return record
-
-
-def round_s(seconds: float) -> float:
-    """Seconds rounded to milliseconds."""
-    return round(seconds, 3)
 
 
 class BaseStageOptimizer(Teleprompter, abc.ABC):

@@ -1,0 +1,293 @@
+"""The state of one run: its space, study, ledger and trials, and how a configuration is scored.
+
+:class:`RunState` is what a strategy's ``_search`` receives. It scores configurations on the
+validation set (or a prefix of it), records each as an Optuna trial with JSON-only attributes,
+and keeps the best full-fidelity trial.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dspy
+import optuna
+
+from stageopt._errors import BudgetExhaustedError, ConfigurationError
+from stageopt.evaluation import BudgetLedger, evaluate
+from stageopt.strategies._result import TrialRecord
+from stageopt.strategies._space import Config, SearchSpace, config_key
+
+if TYPE_CHECKING:
+    from stageopt.strategies._base import BaseStageOptimizer
+
+logger = logging.getLogger("stageopt.strategies._base")
+
+
+class StopSearch(Exception):
+    """Raised inside a search to end it; ``status`` is one of the result statuses."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class RunState:
+    """Everything a search step needs: the space, the study, the ledger and the trials so far."""
+
+    optimizer: BaseStageOptimizer
+    program: dspy.Module
+    space: SearchSpace
+    study: optuna.Study
+    ledger: BudgetLedger
+    valset: list[dspy.Example]
+    lm: dspy.BaseLM
+    records: list[TrialRecord] = field(default_factory=list)
+    scores: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
+    calls_per_example: float = 0.0
+    bar: Any = None
+
+    @property
+    def full_fidelity(self) -> int:
+        """Number of validation examples a full-fidelity trial is scored on."""
+        return len(self.valset)
+
+    @property
+    def best(self) -> TrialRecord | None:
+        """The best full-fidelity trial so far (earliest among ties).
+
+        Trials scored on a subset of the validation set or as a cheaper variant (multi-fidelity
+        rungs) never count: the returned program is the best on the whole validation set.
+        """
+        best: TrialRecord | None = None
+        for record in self.records:
+            if record.fidelity != self.full_fidelity or record.variant is not None:
+                continue
+            if best is None or record.score > best.score:
+                best = record
+        return best
+
+    def recorded(self, config: Config, examples: Sequence[dspy.Example] | None = None) -> bool:
+        """Whether ``config`` was already scored on ``examples`` (default: the validation set)."""
+        n = len(examples) if examples is not None else self.full_fidelity
+        return f"{config_key(config)}@{n}" in self.scores
+
+    def best_config(self) -> Config:
+        """The best configuration so far, or the original program's."""
+        best = self.best
+        config = best.params if best is not None else self.space.default_config()
+        return {stage: dict(choice) for stage, choice in config.items()}  # a copy: callers edit it
+
+    def checkpoint_usage(self) -> None:
+        """Store what the run has spent so far in the study, so a resumed run counts it.
+
+        Trials store their usage themselves; call this after spending outside a trial (e.g.
+        an LM mutation of an instruction). :meth:`BaseStageOptimizer.finish` calls it too.
+        """
+        self.study.set_user_attr("usage_latest", self.ledger.usage().to_dict())
+
+    def trials_in(self, **attrs: Any) -> list[TrialRecord]:
+        """Completed trials whose phase/stage/round equal ``attrs``."""
+        return [r for r in self.records if all(getattr(r, k) == v for k, v in attrs.items())]
+
+    def run_trial(
+        self,
+        config: Config,
+        *,
+        phase: str,
+        stage: str | None = None,
+        round: int | None = None,
+        trial: optuna.trial.Trial | None = None,
+        examples: Sequence[dspy.Example] | None = None,
+        variant: str | None = None,
+        transform: Callable[[dspy.Module], dspy.Module] | None = None,
+        objective: Callable[[TrialRecord], float] | None = None,
+    ) -> TrialRecord:
+        """Score ``config`` and record it as a trial (asking Optuna for one when none is given).
+
+        A configuration already scored on the same examples is told again with its known score
+        and spends nothing. Raises :class:`StopSearch` when the budget cannot pay for the trial.
+        The same as :meth:`evaluate_config` followed by :meth:`record_trial`.
+
+        Args:
+            config: The configuration to score.
+            phase: Strategy phase, stored with the trial.
+            stage: The stage this trial changes (None: all or none).
+            round: Round or generation number, when the strategy has them.
+            trial: The Optuna trial to tell (default: a new one).
+            examples: Examples to score on (default: the validation set). Subsets must be
+                prefixes of :attr:`valset`, so that equal sizes mean equal examples (paired).
+            variant: Name of a cheaper way of running ``config`` (e.g. a multi-fidelity rung's
+                demo and output-length caps); part of the repeat key, so it must name
+                ``transform`` exactly. None: the configuration as it is.
+            transform: Applied to the configured program before it runs (with ``variant``).
+            objective: The value told to Optuna, computed from the record (default: its
+                score); e.g. a stage metric. The record and :attr:`best` keep the score.
+        """
+        _check_variant(variant, transform)
+        if trial is None:
+            trial = self.study.ask()
+        try:
+            scored = self.evaluate_config(
+                config, examples=examples, variant=variant, transform=transform, desc=f"trial {trial.number}"
+            )
+        except StopSearch:
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        return self.record_trial(trial, scored, phase=phase, stage=stage, round=round, objective=objective)
+
+    def evaluate_config(
+        self,
+        config: Config,
+        *,
+        examples: Sequence[dspy.Example] | None = None,
+        variant: str | None = None,
+        transform: Callable[[dspy.Module], dspy.Module] | None = None,
+        desc: str = "trial",
+        check_budget: bool = True,
+    ) -> ScoredConfig:
+        """Score ``config`` without recording a trial or telling Optuna (half of :meth:`run_trial`).
+
+        For strategies that evaluate several configurations concurrently: threads call this
+        for different configurations, then the caller records the results with
+        :meth:`record_trial` in a fixed order, so a seed still gives the same history. The
+        first evaluation of a run (it measures :attr:`calls_per_example`) must not be concurrent.
+
+        Args:
+            config, examples, variant, transform: As for :meth:`run_trial`.
+            desc: Label of the progress bar.
+            check_budget: Refuse up front when the budget cannot pay for an evaluation of this
+                size; pass False when the caller checked the budget for a whole batch.
+
+        Raises:
+            StopSearch: ``budget_exhausted``, before the evaluation or when the budget ran out
+                during it. Nothing is told to Optuna: the caller fails its trial.
+        """
+        _check_variant(variant, transform)
+        examples = list(examples if examples is not None else self.valset)
+        key = f"{config_key(config)}@{len(examples)}" + (f"#{variant}" if variant else "")
+        if key in self.scores:
+            score, stage_metrics = self.scores[key]
+            return ScoredConfig(config, len(examples), score, stage_metrics, repeated=True, variant=variant)
+        if check_budget:
+            reason = self.ledger.exhausted_reason(calls_needed=self.calls_needed(len(examples)))
+            if reason is not None:
+                raise StopSearch("budget_exhausted", reason)
+        program = self.space.apply(self.program, config)
+        if transform is not None:
+            program = transform(program)
+        opt = self.optimizer
+        try:
+            report = evaluate(
+                program,
+                examples,
+                opt.metric,
+                lm=self.lm,
+                adapter=opt.adapter,
+                stage_metrics=opt.stage_metrics,
+                ledger=self.ledger,
+                num_threads=opt.num_threads,
+                max_errors=opt.max_errors,
+                progress=opt.progress,
+                desc=desc,
+            )
+        except BudgetExhaustedError as exc:
+            raise StopSearch("budget_exhausted", str(exc)) from exc
+        self.scores[key] = (report.score, report.stage_metrics)
+        if not self.calls_per_example and report.n:
+            self.calls_per_example = report.usage.lm_calls / report.n
+        return ScoredConfig(config, len(examples), report.score, report.stage_metrics, repeated=False, variant=variant)
+
+    def calls_needed(self, n_examples: int) -> int:
+        """Logical LM calls an evaluation on ``n_examples`` is expected to need (at least 1)."""
+        return int(self.calls_per_example * n_examples) if self.calls_per_example else 1
+
+    def record_trial(
+        self,
+        trial: optuna.trial.Trial,
+        scored: ScoredConfig,
+        *,
+        phase: str,
+        stage: str | None = None,
+        round: int | None = None,
+        objective: Callable[[TrialRecord], float] | None = None,
+    ) -> TrialRecord:
+        """Tell ``trial`` the result of :meth:`evaluate_config` and add it to :attr:`records`.
+
+        Call from the thread that drives the study, in a deterministic order. The record's
+        ``lm_calls``/``tokens``/``wall_s`` are the run's usage at this moment.
+
+        Args:
+            trial: The Optuna trial ``scored`` was asked for.
+            scored: What :meth:`evaluate_config` returned.
+            phase, stage, round, objective: As for :meth:`run_trial`.
+        """
+        usage = self.ledger.usage()
+        record = TrialRecord(
+            trial=trial.number,
+            phase=phase,
+            stage=stage,
+            round=round,
+            params=scored.config,
+            fidelity=scored.fidelity,
+            score=scored.score,
+            stage_metrics=scored.stage_metrics,
+            lm_calls=usage.lm_calls,
+            tokens=usage.tokens,
+            wall_s=round_s(usage.wall_s),
+            repeated=scored.repeated,
+            variant=scored.variant,
+        )
+        for name, value in record.to_dict().items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("usage", usage.to_dict())
+        trial.set_user_attr("calls_per_example", self.calls_per_example)
+        self.study.tell(trial, objective(record) if objective is not None else record.score)
+        self.records.append(record)
+        if self.bar is not None:
+            self.bar.n = min(usage.lm_calls, self.bar.total or usage.lm_calls)
+            self.bar.set_postfix(trial=record.trial, score=f"{record.score:.3f}", best=f"{self.best.score:.3f}")  # type: ignore[union-attr]
+        logger.info(
+            "trial %d (%s %s) score %.4f, %d calls so far",
+            record.trial,
+            phase,
+            stage or "",
+            record.score,
+            usage.lm_calls,
+        )
+        return record
+
+
+@dataclass(frozen=True)
+class ScoredConfig:
+    """A configuration scored by :meth:`RunState.evaluate_config`, not yet recorded as a trial.
+
+    Attributes:
+        config: The configuration.
+        fidelity: Number of validation examples it was scored on.
+        score: Mean validation score.
+        stage_metrics: Task-defined stage metric means.
+        repeated: True when the score was known (no calls were spent).
+        variant: The cheaper way it was run, None: as is.
+    """
+
+    config: Config
+    fidelity: int
+    score: float
+    stage_metrics: dict[str, float]
+    repeated: bool
+    variant: str | None = None
+
+
+def _check_variant(variant: str | None, transform: Callable[[dspy.Module], dspy.Module] | None) -> None:
+    if (variant is None) != (transform is None):
+        raise ConfigurationError("`variant` and `transform` go together: name every transform")
+
+
+def round_s(seconds: float) -> float:
+    """Seconds rounded to milliseconds."""
+    return round(seconds, 3)
