@@ -16,7 +16,7 @@ import dspy
 from stageopt._errors import ConfigurationError
 from stageopt.evaluation import Budget, EvaluationReport, evaluate
 from stageopt.lm import default_adapter, resolve_lm
-from stageopt.strategies import OptimizationResult, get_strategy
+from stageopt.strategies import BaseStageOptimizer, OptimizationResult, get_strategy
 from stageopt.tasks import BaseTask, get_task
 
 
@@ -174,11 +174,16 @@ def strategy_options(strategy: str, options: list[str]) -> dict[str, Any]:
         ConfigurationError: for a malformed flag or a KEY the strategy's constructor does not take.
     """
     cls = get_strategy(strategy)
+    # The settings a strategy adds to the base's (those have flags of their own).
+    inits = [
+        vars(klass)["__init__"]
+        for klass in cls.__mro__
+        if "__init__" in vars(klass) and issubclass(klass, BaseStageOptimizer) and klass is not BaseStageOptimizer
+    ]
     own = {
         name
-        for klass in cls.__mro__
-        if klass.__module__.startswith("stageopt.strategies.") and klass.__name__ != "BaseStageOptimizer"
-        for name, p in inspect.signature(klass.__init__).parameters.items()
+        for init in inits
+        for name, p in inspect.signature(init).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "budget"
     }
     out: dict[str, Any] = {}
