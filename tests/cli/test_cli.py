@@ -52,6 +52,12 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["eval", "--program", "missing.json"], "--program missing.json does not exist"),
         (["optimize", "--budget-calls", "0", "--out", "runs/x"], "lm_calls"),
         (["optimize", "--budget-calls", "10", "--out", "nowhere", "--resume"], "no run found"),
+        (["optimize", "--budget-calls", "10", "--out", "x", "--strategy", "nope"], "unknown strategy 'nope'; known:"),
+        (["optimize", "--budget-calls", "10", "--out", "x", "--option", "n_trials"], "write KEY=VALUE"),
+        (
+            ["optimize", "--budget-calls", "10", "--out", "x", "--strategy", "joint", "--option", "rounds=2"],
+            "not a setting of strategy 'joint'; its settings: min_delta, n_trials, patience",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -113,3 +119,24 @@ def test_optimize_writes_result_program_and_study(
     # a second run into the same directory is refused unless resumed
     assert main(argv) == 2
     assert "--resume" in _error_line(capsys)
+
+
+def test_parser_lists_every_registered_strategy() -> None:
+    from stageopt.cli._main import STRATEGY_NAMES
+    from stageopt.strategies import STRATEGIES
+
+    assert sorted(STRATEGY_NAMES) == sorted(STRATEGIES)
+
+
+@pytest.mark.parametrize(
+    "strategy", ["independent", "joint", "hierarchical", "multifidelity", "evolutionary", "random", "grid"]
+)
+def test_optimize_runs_every_strategy(data: Path, scripted: None, tmp_path: Path, strategy: str) -> None:
+    out = tmp_path / strategy
+    argv = ["optimize", "--data-dir", str(data), "--budget-calls", "60", "--out", str(out), "--val-size", "3"]
+    extra = ["--option", "patience=2"] if strategy in {"joint", "random"} else []
+    assert main([*argv, "--bootstrap-size", "3", "--strategy", strategy, *extra]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["strategy"] == strategy
+    assert result["usage"]["lm_calls"] <= 60
+    assert len(result["history"]) >= 2

@@ -9,6 +9,19 @@ from collections.abc import Sequence
 
 from stageopt._errors import StageoptError
 
+#: The names in ``stageopt.strategies.STRATEGIES``, listed here so that building the parser does
+#: not import DSPy (a test keeps the two in step).
+STRATEGY_NAMES = (
+    "independent",
+    "coordinate",
+    "joint",
+    "hierarchical",
+    "multifidelity",
+    "evolutionary",
+    "random",
+    "grid",
+)
+
 logger = logging.getLogger("stageopt")
 
 
@@ -42,7 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     opt = sub.add_parser("optimize", help="optimize a program and write a run directory")
     _common(opt)
-    opt.add_argument("--strategy", default="coordinate", help="search strategy (default: coordinate)")
+    opt.add_argument(
+        "--strategy",
+        default="coordinate",
+        help=f"search strategy, one of: {', '.join(STRATEGY_NAMES)} (default: coordinate)",
+    )
+    opt.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the strategy, VALUE as JSON (repeatable), e.g. --option n_trials=20",
+    )
     opt.add_argument("--budget-calls", type=int, required=True, help="max logical LM calls (cache hits count)")
     opt.add_argument("--budget-tokens", type=int, default=None, help="max tokens")
     opt.add_argument("--budget-seconds", type=float, default=None, help="max wall-clock seconds")
