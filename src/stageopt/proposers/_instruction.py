@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import dspy
 
@@ -76,14 +76,34 @@ def _overlap(a: str, b: str) -> float:
     return len(words_a & words_b) / len(words_b) if words_b else 0.0
 
 
+def program_summary(program: dspy.Module, stage: str) -> str:
+    """One line on where ``stage`` sits in ``program``: its stages in order and its position."""
+    names = [name for name, _ in program.named_predictors()]
+    position = names.index(stage) + 1 if stage in names else 0
+    return f"Program: {' then '.join(names)} (this is part {position} of {len(names)})."
+
+
+def data_summary(examples: Sequence[dspy.Example]) -> str:
+    """One line on the training data: its size and the mean length of each input field in words."""
+    if not examples:
+        return "Data: no examples."
+    fields = list(examples[0].inputs().keys())
+    lengths = []
+    for field in fields:
+        words = [len(str(ex.get(field, "")).split()) for ex in examples]
+        lengths.append(f"{label(field)} about {round(sum(words) / len(words))} words")
+    return f"Data: {len(examples)} examples; " + ", ".join(lengths) + "."
+
+
 class LMInstructionProposer(BaseInstructionProposer):
     """Asks ``context.prompt_lm`` for instruction variants of each stage.
 
     The request is a plain completion prompt (works with base models): two worked exemplars,
-    then the stage's input and output fields, its current instruction and one real example of
-    its inputs and outputs from the traces. Each attempt uses a different seed at a non-zero
-    temperature; at most ``num_candidates`` valid instructions per stage are kept, trying up to
-    ``max_attempts`` times.
+    then the program's structure (its stages in order and which one this is), a summary of the
+    training data (size, fields, typical lengths), the stage's input and output fields, its
+    current instruction and one real example of its inputs and outputs from the traces. Each
+    attempt uses a different seed at a non-zero temperature; at most ``num_candidates`` valid
+    instructions per stage are kept, trying up to ``max_attempts`` times.
     """
 
     def __init__(self, *, num_candidates: int = 3, max_attempts: int | None = None, temperature: float = 0.8):
@@ -93,8 +113,10 @@ class LMInstructionProposer(BaseInstructionProposer):
         self.max_attempts = max_attempts if max_attempts is not None else 2 * num_candidates
         self.temperature = temperature
 
-    def request(self, name: str, predictor: dspy.Predict, context: ProposalContext) -> str:
-        """The completion prompt for one stage."""
+    def request(
+        self, name: str, predictor: dspy.Predict, context: ProposalContext, program: dspy.Module | None = None
+    ) -> str:
+        """The completion prompt for one stage (grounded in ``program``'s structure when given)."""
         signature = predictor.signature
         inputs = " and ".join(label(k) for k in signature.input_fields)
         outputs = " and ".join(label(k) for k in signature.output_fields)
@@ -109,7 +131,11 @@ class LMInstructionProposer(BaseInstructionProposer):
                 example = f"\nExample: {label(first_in)}: {shown_in} -> {label(first_out)}: {shown_out}"
                 break
         current = (signature.instructions or "").strip().replace("\n", " ")
-        stage = f"Step: reads {inputs} and writes {outputs}. Current instruction: {current}{example}\nInstruction:"
+        grounding = f"{program_summary(program, name)} {data_summary(context.trainset)}\n" if program else ""
+        stage = (
+            f"{grounding}Step: reads {inputs} and writes {outputs}. Current instruction: {current}{example}\n"
+            "Instruction:"
+        )
         return "\n\n---\n\n".join([_HEADER, *_EXEMPLARS, stage])
 
     def propose(self, program: dspy.Module, context: ProposalContext) -> Mapping[str, list[str]]:
@@ -120,7 +146,7 @@ class LMInstructionProposer(BaseInstructionProposer):
             existing = [predictor.signature.instructions]
             kept: list[str] = []
             reasons: dict[str, int] = {}
-            prompt = self.request(name, predictor, context)
+            prompt = self.request(name, predictor, context, program)
             for attempt in range(self.max_attempts):
                 if len(kept) >= self.num_candidates:
                     break
