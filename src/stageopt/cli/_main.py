@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from stageopt._errors import StageoptError
+from stageopt.cli._bench import add_testbed_arguments
 
 #: The names in ``stageopt.strategies.STRATEGIES``, listed here so that building the parser does
 #: not import DSPy (a test keeps the two in step).
@@ -90,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bootstrap-size", type=int, default=12, help="training examples traced for demos")
     demo.add_argument("--out", default="runs/demo", help="run directory")
 
+    bench = sub.add_parser("bench", help="benchmarks; testbed: a SIMULATION with a known optimum")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    testbed = bench_sub.add_parser(
+        "testbed",
+        help="SIMULATION: strategies (and DSPy's MIPROv2, BFSRS) on a scripted testbed with a known optimum",
+    )
+    add_testbed_arguments(testbed)
+
     serve = sub.add_parser("serve", help="serve an embedded model over the OpenAI API (llama_cpp.server)")
     serve.add_argument("--lm", default="gemma3-270m", help="embedded model name")
     serve.add_argument("--host", default="127.0.0.1")
@@ -113,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             serve(args.lm, host=args.host, port=args.port, alias=args.alias, n_ctx=args.n_ctx)
             return 0
+        if args.command == "bench":
+            from stageopt.cli._bench import cmd_bench_testbed
+
+            return cmd_bench_testbed(args)
         from stageopt.cli import _commands
 
         if args.command == "eval":

@@ -1,0 +1,375 @@
+"""Running optimizers on the testbed and measuring regret and LM calls to near-optimum (SIMULATION).
+
+For each strategy and seed the world is drawn from the seed (a new hidden landscape per seed) and
+the optimizer is seeded with it. Measures:
+
+* ``regret`` = optimum over the universe - true (exact expected) score of the returned program;
+  >= 0 by construction.
+* ``calls_to_95``: logical LM calls spent when a configuration whose *true* score is at least
+  ``threshold`` x optimum was first evaluated in full. stageopt strategies: from the result
+  history (cumulative calls after that trial). DSPy optimizers: observed from the testbed LM's
+  stage calls (:meth:`CallObserver.calls_to_reach`: the end of the first block of program
+  executions with such a configuration). The observed count is computed for stageopt runs too
+  (``calls_to_95_observed``), as a check of the method.
+* ``pool_regret``: optimum over the run's own candidates - true score, the part of the regret due
+  to the search rather than to the proposals. stageopt: its search space's pools (every
+  combination); MIPROv2: its instruction and demo-set candidates (every combination); BFSRS: its
+  candidate programs (it picks one, it does not combine them).
+* ``calls_to_95_pool``: as ``calls_to_95`` but against ``threshold`` x the run's own pool
+  optimum: how fast a search gets near the best it *could* reach with its candidates (the
+  universe optimum is often out of every run's reach, since proposals sample the universe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dspy
+import optuna
+
+from stageopt._errors import BudgetExhaustedError, ConfigurationError
+from stageopt.evaluation import Budget, BudgetLedger, MeteredLM
+from stageopt.lm._adapter import SmallLMAdapter
+from stageopt.strategies import STRATEGIES, SearchSpace
+from stageopt.testbed._lm import CallObserver
+from stageopt.testbed._testbed import Testbed
+from stageopt.testbed._world import QualityWeights, StageChoice
+
+logger = logging.getLogger(__name__)
+
+#: DSPy's optimizers the bench can run for comparison, by bench name.
+DSPY_OPTIMIZERS = ("miprov2", "bfsrs")
+
+#: Said wherever testbed results are shown.
+SIMULATION_NOTE = (
+    "SIMULATION: the testbed LM is a script answering from a hidden quality function; these numbers "
+    "measure search efficiency (regret against a known optimum, LM calls to get near it), not "
+    "language-model quality."
+)
+
+#: Demos per stage the DSPy optimizers may use (stageopt's default proposer uses up to 2 + 2 too).
+DSPY_MAX_BOOTSTRAPPED = 2
+DSPY_MAX_LABELED = 2
+
+
+def known_strategies() -> list[str]:
+    """Every name the bench accepts: stageopt's strategies, then DSPy's optimizers."""
+    return [*STRATEGIES, *DSPY_OPTIMIZERS]
+
+
+def resolve_strategies(spec: str) -> list[str]:
+    """``all`` or a comma-separated list of names, checked against :func:`known_strategies`."""
+    known = known_strategies()
+    if spec.strip() == "all":
+        return known
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise ConfigurationError(f"unknown strategy name(s) {unknown or [spec]}; known: all, {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class BenchRun:
+    """One strategy run on one seed's world."""
+
+    strategy: str
+    seed: int
+    status: str
+    optimum: float
+    baseline: float
+    true_score: float | None = None
+    regret: float | None = None
+    calls_to_95: int | None = None
+    calls_to_95_source: str | None = None
+    calls_to_95_observed: int | None = None
+    pool_optimum: float | None = None
+    pool_regret: float | None = None
+    calls_to_95_pool: int | None = None
+    val_score: float | None = None
+    lm_calls: int = 0
+    wall_s: float = 0.0
+    error: str | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready run."""
+        return asdict(self)
+
+
+def run_one(
+    strategy: str,
+    *,
+    budget_calls: int,
+    seed: int,
+    n_stages: int = 3,
+    threshold: float = 0.95,
+    weights: QualityWeights | None = None,
+    pool_size: int = 6,
+    options: Mapping[str, Any] | None = None,
+) -> BenchRun:
+    """Run ``strategy`` on the world of ``seed``; a failing strategy becomes an ``error`` run.
+
+    Args:
+        strategy: A name of :func:`known_strategies`.
+        budget_calls: Logical LM calls the run may spend.
+        seed: Seed of the world and of the optimizer.
+        n_stages: Stages of the testbed program.
+        threshold: Share of the optimum that ``calls_to_95`` waits for.
+        weights: Weights of the hidden quality function (default: :class:`QualityWeights`).
+        pool_size: Generated instructions per stage in the universe.
+        options: Extra constructor settings of a stageopt strategy (e.g. ``{"max_rounds": 2}``).
+
+    A strategy's own test can show that it improves on the baseline:
+    ``run = run_one("coordinate", budget_calls=600, seed=0); assert run.true_score > run.baseline``.
+    """
+    if budget_calls < 1:
+        raise ConfigurationError(f"`budget_calls` must be >= 1, got {budget_calls=}")
+    if not 0 < threshold <= 1:
+        raise ConfigurationError(f"`threshold` must be in (0, 1], got {threshold=}")
+    testbed = Testbed(n_stages, seed=seed, weights=weights, pool_size=pool_size)
+    optimum = testbed.optimum().score
+    run = BenchRun(strategy, seed, "error", optimum, testbed.true_score(testbed.program()))
+    start = time.perf_counter()
+    try:
+        if strategy in DSPY_OPTIMIZERS:
+            _run_dspy(run, testbed, budget_calls, threshold)
+        else:
+            _run_stageopt(run, testbed, budget_calls, threshold, dict(options or {}))
+    except Exception as exc:
+        run.status = "error"
+        run.error = f"{type(exc).__name__}: {exc}"
+        logger.debug("%s seed %d failed", strategy, seed, exc_info=True)
+    run.wall_s = round(time.perf_counter() - start, 3)
+    return run
+
+
+def _finish(run: BenchRun, testbed: Testbed, program: dspy.Module) -> None:
+    run.true_score = testbed.true_score(program)
+    run.regret = run.optimum - run.true_score
+
+
+def _run_stageopt(
+    run: BenchRun, testbed: Testbed, budget_calls: int, threshold: float, options: dict[str, Any]
+) -> None:
+    cls = STRATEGIES[run.strategy]
+    observer = CallObserver()
+    storage = optuna.storages.InMemoryStorage()
+    optimizer = cls(
+        testbed.metric,
+        budget=budget_calls,
+        lm=testbed.lm(observer),
+        adapter=SmallLMAdapter(),
+        seed=run.seed,
+        storage=storage,
+        study_name=run.strategy,
+        **options,
+    )
+    program = optimizer.compile(testbed.program(), trainset=testbed.trainset, valset=testbed.valset)
+    result = optimizer.result
+    if result is None:  # pragma: no cover - compile always sets it
+        raise ConfigurationError(f"{run.strategy} returned no result")
+    run.status = result.status
+    run.lm_calls = int(result.usage["lm_calls"])
+    run.val_score = result.best.get("score")
+    _finish(run, testbed, program)
+    study = optuna.load_study(study_name=run.strategy, storage=storage)
+    space = SearchSpace.from_dict(study.user_attrs["space"])
+    base = testbed.program()
+    trues = [
+        (int(record["lm_calls"]), testbed.true_score(space.apply(base, record["params"])))
+        for record in sorted(result.history, key=lambda r: r["trial"])
+        if record.get("variant") is None
+    ]
+    target = threshold * run.optimum
+    run.calls_to_95 = next((calls for calls, true in trues if true >= target), None)
+    run.calls_to_95_source = "history"
+    run.calls_to_95_observed = observer.calls_to_reach(testbed.world, target)
+    run.pool_optimum = testbed.space_optimum(space)
+    run.pool_regret = run.pool_optimum - (run.true_score or 0.0)
+    run.calls_to_95_pool = next((calls for calls, true in trues if true >= threshold * run.pool_optimum), None)
+
+
+class _BudgetedMIPROv2(dspy.MIPROv2):
+    """MIPROv2 whose number of trials is set from the budget left after its proposal steps.
+
+    MIPROv2 spends an unknown number of calls bootstrapping demos and proposing instructions
+    before its trials; sizing the trials then (full evaluations, ``minibatch=False``) makes the
+    run fit the budget instead of failing at its end.
+    """
+
+    def __init__(self, *args: Any, ledger: BudgetLedger, calls_per_example: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ledger = ledger
+        self._calls_per_example = calls_per_example
+        self.sized_trials: int | None = None
+        self.pools: tuple[Any, Any] | None = None
+
+    def _optimize_prompt_parameters(
+        self, program: Any, instruction_candidates: Any, demo_candidates: Any, evaluate: Any, valset: list[Any],
+        num_trials: int, *args: Any, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        self.pools = (instruction_candidates, demo_candidates)
+        remaining = self._ledger.remaining_calls() or 0
+        per_evaluation = max(1, len(valset) * self._calls_per_example)
+        trials = remaining // per_evaluation - 1  # the default program is fully evaluated first
+        self.sized_trials = max(trials, 0)
+        if trials < 1:
+            return program.deepcopy()
+        return super()._optimize_prompt_parameters(
+            program, instruction_candidates, demo_candidates, evaluate, valset, trials, *args, **kwargs
+        )
+
+
+def _run_dspy(run: BenchRun, testbed: Testbed, budget_calls: int, threshold: float) -> None:
+    observer = CallObserver()
+    ledger = BudgetLedger(Budget(lm_calls=budget_calls))
+    lm = MeteredLM(testbed.lm(observer), ledger)
+    k, n_train, n_val = testbed.n_stages, len(testbed.trainset), len(testbed.valset)
+    student = testbed.program()
+    exhausted = False
+    quiet = _Quiet()
+    with quiet, dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        try:
+            if run.strategy == "miprov2":
+                num_candidates = max(3, min(8, budget_calls // 150))
+                mipro = _BudgetedMIPROv2(
+                    testbed.metric,
+                    ledger=ledger,
+                    calls_per_example=k,
+                    auto=None,
+                    num_candidates=num_candidates,
+                    max_bootstrapped_demos=DSPY_MAX_BOOTSTRAPPED,
+                    max_labeled_demos=DSPY_MAX_LABELED,
+                    num_threads=1,
+                    max_errors=10**9,
+                    seed=run.seed,
+                    verbose=False,
+                    track_stats=False,
+                )
+                program = mipro.compile(
+                    student, trainset=testbed.trainset, valset=testbed.valset, num_trials=1, minibatch=False
+                )
+                run.note = f"num_candidates={num_candidates}, trials sized to the budget: {mipro.sized_trials}"
+                if mipro.pools is not None:
+                    run.pool_optimum = _mipro_pool_optimum(testbed, *mipro.pools)
+            else:
+                # Per candidate: bootstrapping (about half the trainset before it has its demos
+                # on this testbed), then the valset; zero-shot and labeled-only sets only evaluate.
+                per_candidate = (n_val + n_train // 2) * k
+                fixed = 2 * n_val * k + per_candidate
+                candidates = max(1, (budget_calls - fixed) // per_candidate)
+                bfsrs = dspy.BootstrapFewShotWithRandomSearch(
+                    testbed.metric,
+                    max_bootstrapped_demos=DSPY_MAX_BOOTSTRAPPED,
+                    max_labeled_demos=DSPY_MAX_LABELED,
+                    num_candidate_programs=candidates,
+                    num_threads=1,
+                    max_errors=10**9,
+                )
+                program = bfsrs.compile(student, trainset=testbed.trainset, valset=testbed.valset)
+                run.note = f"num_candidate_programs={candidates}"
+                scored = getattr(program, "candidate_programs", None) or []
+                if scored:
+                    run.pool_optimum = max(testbed.true_score(c["program"]) for c in scored)
+        except Exception as exc:
+            if not _caused_by_budget(exc):
+                raise
+            exhausted = True
+            program = student
+            run.note = f"budget exhausted inside the optimizer ({exc}); scored the unoptimized program"
+    run.lm_calls = ledger.usage().lm_calls
+    run.status = "budget_exhausted" if exhausted or ledger.remaining_calls() == 0 else "completed"
+    _finish(run, testbed, program)
+    if run.pool_optimum is not None and run.true_score is not None:
+        run.pool_regret = run.pool_optimum - run.true_score
+    run.calls_to_95 = run.calls_to_95_observed = observer.calls_to_reach(testbed.world, threshold * run.optimum)
+    run.calls_to_95_source = "observed"
+    if run.pool_optimum is not None:
+        run.calls_to_95_pool = observer.calls_to_reach(testbed.world, threshold * run.pool_optimum)
+
+
+def _mipro_pool_optimum(testbed: Testbed, instructions: Any, demo_sets: Any) -> float:
+    """Best true score over MIPROv2's candidates: any instruction with any demo set, per stage."""
+    options = []
+    for stage in range(testbed.n_stages):
+        sets = demo_sets[stage] if demo_sets else [[]]
+        options.append(
+            [
+                StageChoice(text, tuple(dict(d.items()) for d in demos))
+                for text, demos in itertools.product(instructions[stage], sets)
+            ]
+        )
+    return testbed.world.best_chain(options)[0]
+
+
+def _caused_by_budget(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BudgetExhaustedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _Quiet:
+    """Silences DSPy's optimizers for a run: their prints, progress bars and per-example logs.
+
+    Examples that fail because the budget is spent are expected there; they score 0.
+    """
+
+    def __enter__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self._stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        dspy_logger = logging.getLogger("dspy")
+        self._level = dspy_logger.level
+        dspy_logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("dspy").setLevel(self._level)
+        self._stack.close()
+
+
+def summarize(runs: list[BenchRun]) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation over seeds of each strategy's measures (error runs left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for strategy in dict.fromkeys(r.strategy for r in runs):
+        mine = [r for r in runs if r.strategy == strategy]
+        ok = [r for r in mine if r.status != "error"]
+        reached = [r.calls_to_95 for r in ok if r.calls_to_95 is not None]
+        reached_pool = [r.calls_to_95_pool for r in ok if r.calls_to_95_pool is not None]
+        summary: dict[str, Any] = {
+            "runs": len(mine),
+            "ok": len(ok),
+            "errors": sorted({r.error for r in mine if r.error}),
+            "regret": _mean_std([r.regret for r in ok]),
+            "true_score": _mean_std([r.true_score for r in ok]),
+            "pool_regret": _mean_std([r.pool_regret for r in ok]),
+            "calls_to_95": _mean_std(reached),
+            "reached_95": len(reached),
+            "calls_to_95_pool": _mean_std(reached_pool),
+            "reached_95_pool": len(reached_pool),
+            "lm_calls": _mean_std([r.lm_calls for r in ok]),
+            "baseline": _mean_std([r.baseline for r in mine]),
+            "optimum": _mean_std([r.optimum for r in mine]),
+            "calls_to_95_source": next((r.calls_to_95_source for r in ok), None),
+        }
+        out[strategy] = summary
+    return out
+
+
+def _mean_std(values: list[Any]) -> dict[str, float] | None:
+    numbers = [float(v) for v in values if v is not None]
+    if not numbers:
+        return None
+    std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+    return {"mean": statistics.fmean(numbers), "std": std, "n": len(numbers)}
