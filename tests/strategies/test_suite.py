@@ -120,6 +120,17 @@ class TestStrategyContract:
         data = json.loads(json.dumps(result.to_dict()))
         assert OptimizationResult.from_dict(data) == result
 
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test_improves_on_the_baseline_on_the_testbed(self, strategy: type[BaseStageOptimizer], seed: int) -> None:
+        """On the simulated testbed the returned program's *true* (exact expected) score rises."""
+        from stageopt.testbed import run_one
+
+        run = run_one(strategy.strategy_name, budget_calls=800, seed=seed)
+        assert run.status != "error", run.error
+        assert run.lm_calls <= 800
+        assert run.true_score is not None
+        assert run.true_score > run.baseline + 0.05
+
     def test_same_seed_same_run(self, strategy: type[BaseStageOptimizer]) -> None:
         runs = []
         for _ in range(2):
