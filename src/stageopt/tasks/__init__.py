@@ -7,9 +7,10 @@ from typing import Any
 from stageopt._errors import ConfigurationError
 from stageopt.tasks._base import BaseTask, StageMetric
 from stageopt.tasks._data import DATA_DIR_ENV, data_dir
+from stageopt.tasks.gsm8k import GSM8KTask
 from stageopt.tasks.hotpotqa import HotpotQATask
 
-TASKS: dict[str, type[BaseTask]] = {"hotpotqa": HotpotQATask}
+TASKS: dict[str, type[BaseTask]] = {"hotpotqa": HotpotQATask, "gsm8k": GSM8KTask}
 
 
 def get_task(name: str, **settings: Any) -> BaseTask:
@@ -21,4 +22,4 @@ def get_task(name: str, **settings: Any) -> BaseTask:
     return cls(**settings)
 
 
-__all__ = ["DATA_DIR_ENV", "TASKS", "BaseTask", "HotpotQATask", "StageMetric", "data_dir", "get_task"]
+__all__ = ["DATA_DIR_ENV", "TASKS", "BaseTask", "GSM8KTask", "HotpotQATask", "StageMetric", "data_dir", "get_task"]
