@@ -9,8 +9,15 @@ from stageopt.tasks._base import BaseTask, StageMetric
 from stageopt.tasks._data import DATA_DIR_ENV, data_dir
 from stageopt.tasks.gsm8k import GSM8KTask
 from stageopt.tasks.hotpotqa import HotpotQATask
+from stageopt.tasks.humaneval import HumanEvalTask
+from stageopt.tasks.mbpp import MBPPTask
 
-TASKS: dict[str, type[BaseTask]] = {"hotpotqa": HotpotQATask, "gsm8k": GSM8KTask}
+TASKS: dict[str, type[BaseTask]] = {
+    "hotpotqa": HotpotQATask,
+    "gsm8k": GSM8KTask,
+    "mbpp": MBPPTask,
+    "humaneval": HumanEvalTask,
+}
 
 
 def get_task(name: str, **settings: Any) -> BaseTask:
@@ -22,4 +29,15 @@ def get_task(name: str, **settings: Any) -> BaseTask:
     return cls(**settings)
 
 
-__all__ = ["DATA_DIR_ENV", "TASKS", "BaseTask", "GSM8KTask", "HotpotQATask", "StageMetric", "data_dir", "get_task"]
+__all__ = [
+    "DATA_DIR_ENV",
+    "TASKS",
+    "BaseTask",
+    "GSM8KTask",
+    "HotpotQATask",
+    "HumanEvalTask",
+    "MBPPTask",
+    "StageMetric",
+    "data_dir",
+    "get_task",
+]
