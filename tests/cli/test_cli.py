@@ -45,7 +45,7 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["eval", "--task", "nope"], "unknown task 'nope'; known: gsm8k, hotpotqa"),
+        (["eval", "--task", "nope"], "unknown task 'nope'; known: gsm8k, hotpotqa, humaneval, mbpp"),
         (["eval", "--n", "0"], "--n must be >= 1"),
         (["eval", "--num-threads", "0"], "--num-threads must be >= 1"),
         (["eval", "--split", "test"], "known splits are train and dev"),

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from stageopt._errors import StageoptError
 from stageopt.cli._bench import add_testbed_arguments
+from stageopt.cli._compare import add_compare_arguments
 
 #: The names in ``stageopt.strategies.STRATEGIES``, listed here so that building the parser does
 #: not import DSPy (a test keeps the two in step).
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bootstrap-size", type=int, default=12, help="training examples traced for demos")
     demo.add_argument("--out", default="runs/demo", help="run directory")
 
+    compare = sub.add_parser(
+        "compare", help="every method (stageopt strategies, DSPy optimizers) on the same budget, seeds and data"
+    )
+    _common(compare)
+    add_compare_arguments(compare)
+
     bench = sub.add_parser("bench", help="benchmarks; testbed: a SIMULATION with a known optimum")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     testbed = bench_sub.add_parser(
@@ -126,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from stageopt.cli._bench import cmd_bench_testbed
 
             return cmd_bench_testbed(args)
+        if args.command == "compare":
+            from stageopt.cli._compare import cmd_compare
+
+            return cmd_compare(args)
         from stageopt.cli import _commands
 
         if args.command == "eval":

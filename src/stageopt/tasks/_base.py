@@ -35,6 +35,15 @@ class BaseTask(abc.ABC):
     def program(self) -> dspy.Module:
         """Return a fresh, unoptimized program whose stages are its ``named_predictors()``."""
 
+    def single_stage_program(self) -> dspy.Module | None:
+        """A fresh one-stage baseline solving the task in a single LM call, or None (the default).
+
+        ``stageopt compare`` scores it (unoptimized) beside the multi-stage program, to show what
+        the stages are worth; a task without a natural single-stage form returns None and the row
+        is marked unavailable.
+        """
+        return None
+
     @abc.abstractmethod
     def metric(self, example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:
         """The end-to-end score of one prediction, 0.0-1.0 (DSPy metric signature)."""

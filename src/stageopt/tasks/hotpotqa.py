@@ -244,7 +244,7 @@ class HotpotQATask(BaseTask):
         return MultiHopQA(k=self.k, max_passage_words=self.max_passage_words)
 
     def single_stage_program(self) -> dspy.Module:
-        """The single-stage baseline :class:`SingleStageQA`."""
+        """The single-stage baseline :class:`SingleStageQA`: one ``answer`` stage over all paragraphs."""
         return SingleStageQA(max_passage_words=self.max_passage_words)
 
     def metric(self, example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:

@@ -22,8 +22,6 @@ the optimizer is seeded with it. Measures:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import logging
 import statistics
@@ -35,7 +33,9 @@ from typing import Any
 import dspy
 import optuna
 
-from stageopt._errors import BudgetExhaustedError, ConfigurationError
+from stageopt._errors import ConfigurationError
+from stageopt.compare._dspy import Quiet, bfsrs_num_candidates, budgeted_bfsrs, budgeted_mipro, caused_by_budget
+from stageopt.compare._methods import resolve_names
 from stageopt.evaluation import Budget, BudgetLedger, MeteredLM
 from stageopt.lm._adapter import SmallLMAdapter
 from stageopt.strategies import STRATEGIES, SearchSpace
@@ -55,10 +55,6 @@ SIMULATION_NOTE = (
     "language-model quality."
 )
 
-#: Demos per stage the DSPy optimizers may use (stageopt's default proposer uses up to 2 + 2 too).
-DSPY_MAX_BOOTSTRAPPED = 2
-DSPY_MAX_LABELED = 2
-
 
 def known_strategies() -> list[str]:
     """Every name the bench accepts: stageopt's strategies, then DSPy's optimizers."""
@@ -67,14 +63,7 @@ def known_strategies() -> list[str]:
 
 def resolve_strategies(spec: str) -> list[str]:
     """``all`` or a comma-separated list of names, checked against :func:`known_strategies`."""
-    known = known_strategies()
-    if spec.strip() == "all":
-        return known
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if not names or unknown:
-        raise ConfigurationError(f"unknown strategy name(s) {unknown or [spec]}; known: all, {', '.join(known)}")
-    return list(dict.fromkeys(names))
+    return resolve_names(spec, known_strategies(), kind="strategy")
 
 
 @dataclass
@@ -198,37 +187,6 @@ def _run_stageopt(
     run.calls_to_95_pool = next((calls for calls, true in trues if true >= threshold * run.pool_optimum), None)
 
 
-class _BudgetedMIPROv2(dspy.MIPROv2):
-    """MIPROv2 whose number of trials is set from the budget left after its proposal steps.
-
-    MIPROv2 spends an unknown number of calls bootstrapping demos and proposing instructions
-    before its trials; sizing the trials then (full evaluations, ``minibatch=False``) makes the
-    run fit the budget instead of failing at its end.
-    """
-
-    def __init__(self, *args: Any, ledger: BudgetLedger, calls_per_example: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ledger = ledger
-        self._calls_per_example = calls_per_example
-        self.sized_trials: int | None = None
-        self.pools: tuple[Any, Any] | None = None
-
-    def _optimize_prompt_parameters(
-        self, program: Any, instruction_candidates: Any, demo_candidates: Any, evaluate: Any, valset: list[Any],
-        num_trials: int, *args: Any, **kwargs: Any,
-    ) -> Any:  # fmt: skip
-        self.pools = (instruction_candidates, demo_candidates)
-        remaining = self._ledger.remaining_calls() or 0
-        per_evaluation = max(1, len(valset) * self._calls_per_example)
-        trials = remaining // per_evaluation - 1  # the default program is fully evaluated first
-        self.sized_trials = max(trials, 0)
-        if trials < 1:
-            return program.deepcopy()
-        return super()._optimize_prompt_parameters(
-            program, instruction_candidates, demo_candidates, evaluate, valset, trials, *args, **kwargs
-        )
-
-
 def _run_dspy(run: BenchRun, testbed: Testbed, budget_calls: int, threshold: float) -> None:
     observer = CallObserver()
     ledger = BudgetLedger(Budget(lm_calls=budget_calls))
@@ -236,24 +194,13 @@ def _run_dspy(run: BenchRun, testbed: Testbed, budget_calls: int, threshold: flo
     k, n_train, n_val = testbed.n_stages, len(testbed.trainset), len(testbed.valset)
     student = testbed.program()
     exhausted = False
-    quiet = _Quiet()
+    quiet = Quiet()
     with quiet, dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
         try:
             if run.strategy == "miprov2":
                 num_candidates = max(3, min(8, budget_calls // 150))
-                mipro = _BudgetedMIPROv2(
-                    testbed.metric,
-                    ledger=ledger,
-                    calls_per_example=k,
-                    auto=None,
-                    num_candidates=num_candidates,
-                    max_bootstrapped_demos=DSPY_MAX_BOOTSTRAPPED,
-                    max_labeled_demos=DSPY_MAX_LABELED,
-                    num_threads=1,
-                    max_errors=10**9,
-                    seed=run.seed,
-                    verbose=False,
-                    track_stats=False,
+                mipro = budgeted_mipro(
+                    testbed.metric, ledger=ledger, calls_per_example=k, num_candidates=num_candidates, seed=run.seed
                 )
                 program = mipro.compile(
                     student, trainset=testbed.trainset, valset=testbed.valset, num_trials=1, minibatch=False
@@ -264,24 +211,17 @@ def _run_dspy(run: BenchRun, testbed: Testbed, budget_calls: int, threshold: flo
             else:
                 # Per candidate: bootstrapping (about half the trainset before it has its demos
                 # on this testbed), then the valset; zero-shot and labeled-only sets only evaluate.
-                per_candidate = (n_val + n_train // 2) * k
-                fixed = 2 * n_val * k + per_candidate
-                candidates = max(1, (budget_calls - fixed) // per_candidate)
-                bfsrs = dspy.BootstrapFewShotWithRandomSearch(
-                    testbed.metric,
-                    max_bootstrapped_demos=DSPY_MAX_BOOTSTRAPPED,
-                    max_labeled_demos=DSPY_MAX_LABELED,
-                    num_candidate_programs=candidates,
-                    num_threads=1,
-                    max_errors=10**9,
+                candidates = bfsrs_num_candidates(
+                    budget_calls, n_train=n_train, n_val=n_val, calls_per_example=k, bootstrap_share=0.5
                 )
+                bfsrs = budgeted_bfsrs(testbed.metric, num_candidate_programs=candidates)
                 program = bfsrs.compile(student, trainset=testbed.trainset, valset=testbed.valset)
                 run.note = f"num_candidate_programs={candidates}"
                 scored = getattr(program, "candidate_programs", None) or []
                 if scored:
                     run.pool_optimum = max(testbed.true_score(c["program"]) for c in scored)
         except Exception as exc:
-            if not _caused_by_budget(exc):
+            if not caused_by_budget(exc):
                 raise
             exhausted = True
             program = student
@@ -309,34 +249,6 @@ def _mipro_pool_optimum(testbed: Testbed, instructions: Any, demo_sets: Any) -> 
             ]
         )
     return testbed.world.best_chain(options)[0]
-
-
-def _caused_by_budget(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, BudgetExhaustedError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-class _Quiet:
-    """Silences DSPy's optimizers for a run: their prints, progress bars and per-example logs.
-
-    Examples that fail because the budget is spent are expected there; they score 0.
-    """
-
-    def __enter__(self) -> None:
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        self._stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-        dspy_logger = logging.getLogger("dspy")
-        self._level = dspy_logger.level
-        dspy_logger.setLevel(logging.CRITICAL)
-
-    def __exit__(self, *exc: object) -> None:
-        logging.getLogger("dspy").setLevel(self._level)
-        self._stack.close()
 
 
 def summarize(runs: list[BenchRun]) -> dict[str, dict[str, Any]]:
