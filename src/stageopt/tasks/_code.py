@@ -12,13 +12,14 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dspy
 
 from stageopt._errors import ConfigurationError
 from stageopt.sandbox import SandboxResult, run_tests
-from stageopt.tasks._base import StageMetric
+from stageopt.tasks._base import BaseTask, StageMetric
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
 _CODE_START = re.compile(r"^(def |class |import |from |@|async def )", re.M)
@@ -171,3 +172,31 @@ def code_stage_metrics() -> Mapping[str, StageMetric]:
 def final_code(prediction: Any) -> str:
     """The prediction's final code ('' when absent)."""
     return str(prediction.get("code") or "") if prediction is not None else ""
+
+
+class CodeTask(BaseTask):
+    """What the code tasks share: sandbox limits, the generate/refine program, its stage metrics.
+
+    Args:
+        timeout_s: Wall-clock limit of each sandbox run (visible test, hidden tests).
+        memory_mb: Memory limit of each sandbox run.
+        data_dir: Folder holding ``<task>/{train,dev}.jsonl`` (default: see ``data_dir()``).
+    """
+
+    def __init__(self, *, timeout_s: float = 5.0, memory_mb: int = 512, data_dir: str | Path | None = None):
+        check_sandbox_settings(timeout_s, memory_mb)
+        self.timeout_s = timeout_s
+        self.memory_mb = memory_mb
+        self.data_dir = data_dir
+
+    def program(self) -> dspy.Module:
+        """A fresh :class:`GenerateTestRefine`."""
+        return GenerateTestRefine(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+
+    def sandbox(self) -> SandboxSettings:
+        """The sandbox limits final code is checked with."""
+        return SandboxSettings(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+
+    def stage_metrics(self) -> Mapping[str, StageMetric]:
+        """Visible-test pass rate after ``generate`` and after ``refine``."""
+        return code_stage_metrics()

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import dspy
 
-from stageopt.tasks._base import BaseTask, StageMetric
 from stageopt.tasks._code import (
-    GenerateTestRefine,
-    SandboxSettings,
-    check_sandbox_settings,
-    code_stage_metrics,
+    CodeTask,
     final_code,
     join_code,
 )
@@ -78,7 +72,7 @@ def _check_row(row: dict[str, Any]) -> str | None:
     return None
 
 
-class HumanEvalTask(BaseTask):
+class HumanEvalTask(CodeTask):
     """HumanEval from ``../shared/data/humaneval``.
 
     Args:
@@ -88,12 +82,6 @@ class HumanEvalTask(BaseTask):
     """
 
     name = "humaneval"
-
-    def __init__(self, *, timeout_s: float = 5.0, memory_mb: int = 512, data_dir: str | Path | None = None):
-        check_sandbox_settings(timeout_s, memory_mb)
-        self.timeout_s = timeout_s
-        self.memory_mb = memory_mb
-        self.data_dir = data_dir
 
     def load(self, split: str, *, n: int | None = None) -> list[dspy.Example]:
         """Examples with inputs ``task``, ``test``, ``setup``, ``preamble`` and ``entry_point``."""
@@ -118,19 +106,11 @@ class HumanEvalTask(BaseTask):
             )
         return examples
 
-    def program(self) -> dspy.Module:
-        """A fresh :class:`~stageopt.tasks._code.GenerateTestRefine`."""
-        return GenerateTestRefine(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
-
     def metric(self, example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:
         """pass@1: 1.0 when the final code passes ``check(entry_point)``, else 0.0."""
         code = final_code(prediction)
         if not code.strip():
             return 0.0
-        sandbox = SandboxSettings(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        sandbox = self.sandbox()
         program = join_code(example.preamble, code)
         return float(sandbox.run(program, [f"check({example.entry_point})"], example.check).ok)
-
-    def stage_metrics(self) -> Mapping[str, StageMetric]:
-        """Visible-test pass rate after ``generate`` and after ``refine``."""
-        return code_stage_metrics()

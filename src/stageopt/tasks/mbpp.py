@@ -7,18 +7,12 @@ the final code must pass all three (pass@1). Stages: ``generate`` and ``refine``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import dspy
 
-from stageopt.tasks._base import BaseTask, StageMetric
 from stageopt.tasks._code import (
-    GenerateTestRefine,
-    SandboxSettings,
-    check_sandbox_settings,
-    code_stage_metrics,
+    CodeTask,
     final_code,
     join_code,
 )
@@ -32,7 +26,7 @@ def _check_row(row: dict[str, Any]) -> str | None:
     return None
 
 
-class MBPPTask(BaseTask):
+class MBPPTask(CodeTask):
     """MBPP from ``../shared/data/mbpp``.
 
     Args:
@@ -42,12 +36,6 @@ class MBPPTask(BaseTask):
     """
 
     name = "mbpp"
-
-    def __init__(self, *, timeout_s: float = 5.0, memory_mb: int = 512, data_dir: str | Path | None = None):
-        check_sandbox_settings(timeout_s, memory_mb)
-        self.timeout_s = timeout_s
-        self.memory_mb = memory_mb
-        self.data_dir = data_dir
 
     def load(self, split: str, *, n: int | None = None) -> list[dspy.Example]:
         """Examples with inputs ``task``, ``test`` (the first assert) and ``setup``."""
@@ -66,18 +54,10 @@ class MBPPTask(BaseTask):
             for row in rows
         ]
 
-    def program(self) -> dspy.Module:
-        """A fresh :class:`~stageopt.tasks._code.GenerateTestRefine`."""
-        return GenerateTestRefine(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
-
     def metric(self, example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:
         """pass@1: 1.0 when the final code passes every test of the example, else 0.0."""
         code = final_code(prediction)
         if not code.strip():
             return 0.0
-        sandbox = SandboxSettings(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        sandbox = self.sandbox()
         return float(sandbox.run(join_code("", code), list(example.tests), example.get("setup") or "").ok)
-
-    def stage_metrics(self) -> Mapping[str, StageMetric]:
-        """Visible-test pass rate after ``generate`` and after ``refine``."""
-        return code_stage_metrics()
