@@ -140,3 +140,18 @@ def test_optimize_runs_every_strategy(data: Path, scripted: None, tmp_path: Path
     assert result["strategy"] == strategy
     assert result["usage"]["lm_calls"] <= 60
     assert len(result["history"]) >= 2
+
+
+def test_demo_prints_before_after_and_writes_reports(
+    data: Path, scripted: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--data-dir", str(data), "--n", "2", "--budget-calls", "60", "--val-size", "2"]
+    assert main([*argv, "--bootstrap-size", "2", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "dev metric" in out
+    assert "before" in out
+    assert "after" in out
+    assert "chosen configuration" in out
+    (run,) = list((tmp_path / "demo").iterdir())
+    assert {p.name for p in run.iterdir()} >= {"result.json", "program.json", "before.json", "after.json"}
+    assert json.loads((run / "result.json").read_text())["usage"]["lm_calls"] <= 60
