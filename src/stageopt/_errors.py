@@ -32,3 +32,16 @@ class EvaluationError(StageoptError):
 
 class BudgetExhaustedError(StageoptError):
     """Raised inside a run when the budget cannot admit another LM call."""
+
+
+def find_cause(exc: BaseException, *types: type[BaseException]) -> BaseException | None:
+    """The first exception of one of ``types`` in ``exc``'s chain (``exc``, its cause or context, ...).
+
+    DSPy and other libraries wrap the errors our LMs raise, so callers look through the chain.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, types):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from stageopt._errors import StageoptError
+from stageopt._errors import StageoptError, find_cause
 from stageopt.cli._bench import add_testbed_arguments
 from stageopt.cli._compare import add_compare_arguments
 
@@ -148,21 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stageopt: interrupted; finished trials are kept, rerun with --resume to continue", file=sys.stderr)
         return 130
     except Exception as exc:
-        error = _stageopt_error(exc)
+        error = find_cause(exc, StageoptError)  # None: a real bug
         if error is None:
             raise
         print(f"stageopt: error: {error}", file=sys.stderr)
         return 2
-
-
-def _stageopt_error(exc: BaseException) -> BaseException | None:
-    """The stageopt error behind ``exc`` (DSPy wraps LM errors), or None for a real bug."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, StageoptError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,7 @@ from typing import Any
 
 import dspy
 
-from stageopt._errors import BudgetExhaustedError, ConfigurationError
+from stageopt._errors import BudgetExhaustedError, ConfigurationError, find_cause
 from stageopt.evaluation import Budget, BudgetLedger, MeteredLM, Usage
 
 logger = logging.getLogger(__name__)
@@ -80,12 +80,7 @@ class BudgetedMIPROv2(dspy.MIPROv2):
 
 def caused_by_budget(exc: BaseException) -> bool:
     """Whether a :class:`BudgetExhaustedError` is anywhere in ``exc``'s cause chain."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, BudgetExhaustedError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return find_cause(exc, BudgetExhaustedError) is not None
 
 
 class Quiet:

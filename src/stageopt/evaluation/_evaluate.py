@@ -13,7 +13,13 @@ from typing import Any
 
 import dspy
 
-from stageopt._errors import BudgetExhaustedError, ConfigurationError, EvaluationError, StageoptError
+from stageopt._errors import (
+    BudgetExhaustedError,
+    ConfigurationError,
+    EvaluationError,
+    ModelNotAvailableError,
+    find_cause,
+)
 from stageopt.evaluation._budget import BudgetLedger, Usage
 from stageopt.evaluation._meter import ExampleRecorder, MeteredLM, StageCall, reset_recorder, set_recorder
 from stageopt.lm._adapter import reset_parse_listener, set_parse_listener
@@ -129,14 +135,7 @@ def stage_names(program: dspy.Module) -> dict[int, str]:
 
 def _systemic(exc: BaseException) -> BaseException | None:
     """A stageopt error anywhere in the cause chain that must stop the run (not one example)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, BudgetExhaustedError):
-            return seen
-        if isinstance(seen, StageoptError) and type(seen).__name__ == "ModelNotAvailableError":
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return find_cause(exc, BudgetExhaustedError, ModelNotAvailableError)
 
 
 def _root_message(exc: BaseException) -> str:
