@@ -51,6 +51,14 @@ def check_metric(metric: Callable[..., float]) -> None:
         pass
 
 
+def check_early_stopping(patience: int | None, min_delta: float) -> None:
+    """Raise a clear error for bad early-stopping settings (shared by the strategies)."""
+    if patience is not None and patience < 1:
+        raise ConfigurationError(f"`patience` must be >= 1 or None (no early stopping), got {patience=}")
+    if min_delta < 0:
+        raise ConfigurationError(f"`min_delta` must be >= 0, got {min_delta=}")
+
+
 class BaseStageOptimizer(Teleprompter, abc.ABC):
     """Base of every stageopt optimizer: a DSPy ``Teleprompter`` driving Optuna by ask/tell.
 

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 
 from stageopt._errors import ConfigurationError
-from stageopt.strategies._base import BaseStageOptimizer
+from stageopt.strategies._base import BaseStageOptimizer, check_early_stopping
 from stageopt.strategies._coordinate import MAX_ATTEMPTS_PER_TRIAL
 from stageopt.strategies._result import TrialRecord
 from stageopt.strategies._space import Config, config_from_params, config_key
@@ -47,10 +47,7 @@ def check_stage_settings(trials_per_stage: int | None, patience: int | None, min
     """Raise a clear error for bad settings of a stage-wise phase."""
     if trials_per_stage is not None and trials_per_stage < 1:
         raise ConfigurationError(f"`trials_per_stage` must be >= 1 or None (from the budget), got {trials_per_stage=}")
-    if patience is not None and patience < 1:
-        raise ConfigurationError(f"`patience` must be >= 1 or None (no early stopping), got {patience=}")
-    if min_delta < 0:
-        raise ConfigurationError(f"`min_delta` must be >= 0, got {min_delta=}")
+    check_early_stopping(patience, min_delta)
 
 
 def search_calls(state: RunState) -> int | None:

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 
 from stageopt._errors import ConfigurationError
-from stageopt.strategies._base import BaseStageOptimizer, RunState
+from stageopt.strategies._base import BaseStageOptimizer, RunState, check_early_stopping
 from stageopt.strategies._space import config_from_params
 
 #: Sampled configurations per counted (not previously scored) trial before a loop gives up.
@@ -19,10 +19,7 @@ def check_loop_settings(n_trials: int | None, patience: int | None, min_delta: f
     """Raise a clear error for bad settings of :func:`sampler_loop`."""
     if n_trials is not None and n_trials < 1:
         raise ConfigurationError(f"`n_trials` must be >= 1 or None (until the budget ends), got {n_trials=}")
-    if patience is not None and patience < 1:
-        raise ConfigurationError(f"`patience` must be >= 1 or None (no early stopping), got {patience=}")
-    if min_delta < 0:
-        raise ConfigurationError(f"`min_delta` must be >= 0, got {min_delta=}")
+    check_early_stopping(patience, min_delta)
 
 
 def sampler_loop(

@@ -12,7 +12,7 @@ import dspy
 import optuna
 
 from stageopt._errors import ConfigurationError
-from stageopt.strategies._base import BaseStageOptimizer, RunState, StopSearch
+from stageopt.strategies._base import BaseStageOptimizer, RunState, StopSearch, check_early_stopping
 from stageopt.strategies._result import TrialRecord
 from stageopt.strategies._space import Config, config_from_params, config_key, param_name
 
@@ -164,10 +164,7 @@ class SuccessiveHalving(BaseStageOptimizer):
             raise ConfigurationError(f"`max_configs` must be >= 1 or None, got {max_configs=}")
         if n_brackets is not None and n_brackets < 1:
             raise ConfigurationError(f"`n_brackets` must be >= 1 or None (until the budget ends), got {n_brackets=}")
-        if patience is not None and patience < 1:
-            raise ConfigurationError(f"`patience` must be >= 1 or None (no early stopping), got {patience=}")
-        if min_delta < 0:
-            raise ConfigurationError(f"`min_delta` must be >= 0, got {min_delta=}")
+        check_early_stopping(patience, min_delta)
         self.eta = eta
         self.max_configs = max_configs
         self.n_brackets = n_brackets
