@@ -130,4 +130,7 @@ def toy_lm() -> dspy.LM:
 
 @pytest.fixture
 def data_root() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    """The shared datasets, found as the package finds them ($STAGEOPT_DATA_DIR, else ../shared/data)."""
+    from stageopt.tasks import data_dir
+
+    return data_dir()

@@ -11,7 +11,7 @@ import pytest
 
 from stageopt.evaluation import evaluate
 from stageopt.lm import LocalLM, SmallLMAdapter
-from stageopt.tasks import get_task
+from stageopt.tasks import data_dir, get_task
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +53,7 @@ def _stageopt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_optimize_then_eval_on_real_model(tmp_path: Path) -> None:
-    repo = Path(__file__).resolve().parents[2]
-    data = repo.parent / "shared" / "data"
+    data = data_dir()
     out = tmp_path / "run"
     budget = 45
     args = ["optimize", "--task", "hotpotqa", "--budget-calls", str(budget), "--out", str(out), "--no-cache"]

@@ -111,6 +111,8 @@ def test_missing_split_and_data_dir_errors(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_shared_data_is_found_from_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not (Path(__file__).resolve().parents[3] / "shared" / "data").is_dir():
+        pytest.skip("this checkout is not beside shared/data (the data come from $STAGEOPT_DATA_DIR)")
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     examples = get_task("hotpotqa").load("dev", n=3)
     assert len(examples) == 3
