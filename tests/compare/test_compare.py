@@ -266,3 +266,21 @@ def test_table_without_results_shows_dashes() -> None:
     table = format_table(results)
     assert "| coordinate | - | - | - | - | - | error |" in table
     assert "coordinate errors: boom" in table
+
+
+def test_table_shows_the_task_metric_beside_other_extras() -> None:
+    # GSM8K's score (accuracy) is none of its extra metrics: it must still get a column, first.
+    dev = {"score": 0.5, "n": 2, "stage_metrics": {}, "extra": {"solve_acc": 0.25}}
+    usage = {"lm_calls": 4, "tokens": 9, "wall_s": 1.0}
+    results = {
+        "metric": "accuracy",
+        "settings": {
+            "task": "gsm8k", "methods": [], "seeds": [0], "budget_calls": 10,
+            "val_size": 3, "bootstrap_size": 3, "eval_split": "dev", "test": None,
+        },
+        "cells": {"unoptimized/all": {"method": "unoptimized", "status": "completed", "eval": {"dev": dev},
+                                      "usage": usage}},
+    }  # fmt: skip
+    header, _, row = format_table(results).splitlines()[:3]
+    assert header.startswith("| method | accuracy | SOLVE_ACC |")
+    assert row.startswith("| unoptimized | 0.500 ± 0.000 | 0.250 ± 0.000 |")

@@ -168,6 +168,7 @@ class Comparison:
         self.resume = resume
         self.progress = progress or (lambda _line: None)
         self.results = self._open()
+        self.results["metric"] = task.metric_name
 
     @property
     def path(self) -> Path:

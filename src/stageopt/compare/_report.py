@@ -72,13 +72,15 @@ def format_table(results: dict[str, Any]) -> str:
     split = shown_split(results)
     summary = summarize(results)
     stages = list(dict.fromkeys(k for s in summary.values() for k in s["stage_metrics"]))
-    extras = list(dict.fromkeys(k for s in summary.values() for k in s["extra"]))
-    extras.sort(key=lambda k: k != "f1")  # F1 first, as in the design document (stable sort)
-    metric_cols = [k.upper() for k in extras] or ["score"]
+    metric = str(results.get("metric", "score"))
+    # The task metric first (F1 on HotpotQA, as in the design document), then the extra metrics
+    # that are not the same number under another name.
+    extras = [k for k in dict.fromkeys(k for s in summary.values() for k in s["extra"]) if k.lower() != metric.lower()]
     headers = [
         "method",
         *(f"{s} stage metric" for s in stages),
-        *metric_cols,
+        metric,
+        *(k.upper() for k in extras),
         "Δ score vs unoptimized",
         "logical LM calls",
         "tokens",
@@ -87,7 +89,7 @@ def format_table(results: dict[str, Any]) -> str:
     ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row, s in summary.items():
-        metrics = [_pm(s["extra"].get(k)) for k in extras] or [_pm(s["score"])]
+        metrics = [_pm(s["score"]), *(_pm(s["extra"].get(k)) for k in extras)]
         status = ", ".join(s["statuses"]) or "not run"
         cells = [
             row,

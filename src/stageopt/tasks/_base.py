@@ -16,11 +16,14 @@ StageMetric = Callable[[dspy.Example, dspy.Prediction], float]
 class BaseTask(abc.ABC):
     """A benchmark task: where its data lives, the program that solves it and how it is scored.
 
-    Subclasses set :attr:`name` and implement the abstract methods. Instances are cheap and hold
-    settings only (e.g. passages per hop); data is read when :meth:`load` is called.
+    Subclasses set :attr:`name` (and :attr:`metric_name`) and implement the abstract methods.
+    Instances are cheap and hold settings only (e.g. passages per hop); data is read when :meth:`load` is called.
     """
 
     name: ClassVar[str]
+    #: What :meth:`metric` measures, as tables label it (e.g. ``"F1"``, ``"pass@1"``). An
+    #: :meth:`extra_metrics` entry of the same name (case-insensitive) is the same number.
+    metric_name: ClassVar[str] = "score"
 
     @abc.abstractmethod
     def load(self, split: str, *, n: int | None = None) -> list[dspy.Example]:

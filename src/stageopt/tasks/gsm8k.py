@@ -282,6 +282,7 @@ class GSM8KTask(BaseTask):
     """
 
     name = "gsm8k"
+    metric_name = "accuracy"
 
     def __init__(self, *, revise: bool = True, data_dir: str | Path | None = None) -> None:
         self.revise = revise

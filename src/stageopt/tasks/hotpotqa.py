@@ -210,6 +210,7 @@ class HotpotQATask(BaseTask):
     """
 
     name = "hotpotqa"
+    metric_name = "F1"
 
     def __init__(self, *, k: int = 2, max_passage_words: int | None = 120, data_dir: str | Path | None = None):
         _check_settings(k, max_passage_words)

@@ -82,6 +82,7 @@ class HumanEvalTask(CodeTask):
     """
 
     name = "humaneval"
+    metric_name = "pass@1"
 
     def load(self, split: str, *, n: int | None = None) -> list[dspy.Example]:
         """Examples with inputs ``task``, ``test``, ``setup``, ``preamble`` and ``entry_point``."""

@@ -36,6 +36,7 @@ class MBPPTask(CodeTask):
     """
 
     name = "mbpp"
+    metric_name = "pass@1"
 
     def load(self, split: str, *, n: int | None = None) -> list[dspy.Example]:
         """Examples with inputs ``task``, ``test`` (the first assert) and ``setup``."""
