@@ -63,6 +63,7 @@ class StageSummary:
     mean_latency_s: float = 0.0
     p95_latency_s: float = 0.0
     metric: float | None = None
+    mean_output_chars: float = 0.0
 
     @property
     def parse_rate(self) -> float:
@@ -317,6 +318,7 @@ def _summarise(
         if calls:
             summary.mean_prompt_tokens = statistics.fmean(c.prompt_tokens for c in calls)
             summary.mean_completion_tokens = statistics.fmean(c.completion_tokens for c in calls)
+            summary.mean_output_chars = statistics.fmean(c.output_chars for c in calls)
             latencies = sorted(c.latency_s for c in calls)
             summary.mean_latency_s = statistics.fmean(latencies)
             summary.p95_latency_s = latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)]

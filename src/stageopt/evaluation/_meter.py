@@ -24,6 +24,8 @@ class StageCall:
     cached: bool = False
     parse_ok: bool = True
     error: str | None = None
+    #: Characters of the completion text (all choices together); 0 when the call failed.
+    output_chars: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record."""
@@ -94,6 +96,18 @@ def _usage_of(entry: dict[str, Any] | None) -> tuple[int, int, bool]:
     return 0, 0, True
 
 
+def _output_chars(outputs: Any) -> int:
+    """Characters of the text in an LM's outputs (a list of strings or of ``{"text": ...}`` dicts)."""
+    if isinstance(outputs, str):
+        return len(outputs)
+    if isinstance(outputs, dict):
+        return len(str(outputs.get("text") or ""))
+    if isinstance(outputs, list | tuple):
+        return sum(_output_chars(item) for item in outputs)
+    text = getattr(outputs, "text", None)  # a response object
+    return len(text) if isinstance(text, str) else 0
+
+
 class MeteredLM(dspy.BaseLM):
     """A proxy that meters every call of the wrapped LM against a :class:`BudgetLedger`.
 
@@ -155,6 +169,7 @@ class MeteredLM(dspy.BaseLM):
                 cached,
             )
             self.ledger.record(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached=cached)
+        record.output_chars = _output_chars(outputs)
         return outputs
 
     async def acall(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from stageopt._errors import ConfigurationError
-from stageopt.tasks._base import BaseTask, StageMetric
+from stageopt.tasks._base import BaseTask, OracleProgram, StageMetric
 from stageopt.tasks._data import DATA_DIR_ENV, data_dir
 from stageopt.tasks.gsm8k import GSM8KTask
 from stageopt.tasks.hotpotqa import HotpotQATask
@@ -37,6 +37,7 @@ __all__ = [
     "HotpotQATask",
     "HumanEvalTask",
     "MBPPTask",
+    "OracleProgram",
     "StageMetric",
     "data_dir",
     "get_task",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import dspy
@@ -11,6 +12,27 @@ import dspy
 #: A stage metric scores one stage of one example, from the example and the final prediction
 #: (the program exposes what the stage produced, e.g. the titles a query retrieved). 0.0-1.0.
 StageMetric = Callable[[dspy.Example, dspy.Prediction], float]
+
+
+@dataclass(frozen=True)
+class OracleProgram:
+    """A variant of a program whose upstream stages are replaced by gold intermediates.
+
+    Scored end to end with the task's metric, it bounds what the downstream stage could reach
+    with a perfect upstream.
+
+    Attributes:
+        description: What the variant measures, as tables print it
+            (e.g. ``"answer stage given the gold supporting paragraphs"``).
+        program: The variant; it holds copies of the downstream stages of the program it came
+            from (same ``named_predictors()`` names) and never the program itself.
+        gold_inputs: Example fields besides the task's inputs that the variant reads (gold
+            labels such as ``gold_titles``); the caller adds them to each example's inputs.
+    """
+
+    description: str
+    program: dspy.Module
+    gold_inputs: tuple[str, ...] = ()
 
 
 class BaseTask(abc.ABC):
@@ -57,4 +79,14 @@ class BaseTask(abc.ABC):
 
     def extra_metrics(self) -> Mapping[str, Callable[[dspy.Example, dspy.Prediction], float]]:
         """Further end-to-end metrics reported beside :meth:`metric` (e.g. EM next to F1)."""
+        return {}
+
+    def oracle_programs(self, program: dspy.Module) -> Mapping[str, OracleProgram]:
+        """Variants of ``program`` fed gold intermediates, keyed by the downstream stage they isolate.
+
+        Called by :func:`stageopt.diagnostics.diagnose` with the program it diagnoses; ``program``
+        is not modified. A task whose data carry gold intermediates (HotpotQA's supporting
+        paragraphs) returns one variant per stage it can isolate; a program whose stages do not
+        fit gets none. Default: none.
+        """
         return {}

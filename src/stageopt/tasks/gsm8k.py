@@ -20,7 +20,7 @@ from typing import Any
 
 import dspy
 
-from stageopt.tasks._base import BaseTask, StageMetric
+from stageopt.tasks._base import BaseTask, OracleProgram, StageMetric
 from stageopt.tasks._data import read_jsonl, resolve_split
 
 # ---- numbers -------------------------------------------------------------------------------------
@@ -250,6 +250,29 @@ class SingleStageMath(dspy.Module):
         )
 
 
+class GoldPlanMath(dspy.Module):
+    """Oracle upstream: the ``solve`` stage of a program, given the gold facts and plan.
+
+    ``understand`` and ``plan`` are replaced by the example's gold labels (inputs here) and
+    there is no verify step, so the score is the solve stage's accuracy with a perfect upstream.
+
+    Args:
+        solve: The solve stage to copy (it is deep-copied, never shared).
+    """
+
+    def __init__(self, solve: dspy.Predict) -> None:
+        super().__init__()
+        self.solve = solve.deepcopy()
+
+    def forward(self, question: str, facts: str, plan: str) -> dspy.Prediction:
+        result = self.solve(question=question, facts=facts, plan=plan)
+        solution = (result.solution or "").strip()
+        answer = _answer_text(result.answer, solution)
+        return dspy.Prediction(
+            facts=facts, plan=plan, solution=solution, solve_answer=answer, answer=answer, final_solution=solution
+        )
+
+
 # ---- the task ------------------------------------------------------------------------------------
 
 
@@ -351,4 +374,21 @@ class GSM8KTask(BaseTask):
             "plan": lambda ex, pred: mentioned(ex.intermediates or [ex.answer], pred.get("plan")),
             "solve": lambda ex, pred: float(same_number(str(pred.get("solve_answer") or ""), ex.answer)),
             "verify": _verdict_right,
+        }
+
+    def oracle_programs(self, program: dspy.Module) -> Mapping[str, OracleProgram]:
+        """``solve``: the program's solve stage given the gold facts and plan (:class:`GoldPlanMath`).
+
+        None when ``program`` has no ``solve`` stage that is a ``dspy.Predict`` reading a plan
+        (the single-stage program's ``solve`` does not).
+        """
+        solve = dict(program.named_predictors()).get("solve")
+        if not isinstance(solve, dspy.Predict) or not {"facts", "plan"} <= set(solve.signature.input_fields):
+            return {}
+        return {
+            "solve": OracleProgram(
+                description="solve stage given the gold facts and plan (no verify)",
+                program=GoldPlanMath(solve),
+                gold_inputs=("facts", "plan"),
+            )
         }

@@ -18,7 +18,7 @@ import bm25s
 import dspy
 
 from stageopt._errors import ConfigurationError
-from stageopt.tasks._base import BaseTask, StageMetric
+from stageopt.tasks._base import BaseTask, OracleProgram, StageMetric
 from stageopt.tasks._data import read_jsonl, resolve_split
 
 # bm25s sets its own logger to DEBUG and logs every index build; keep it to warnings.
@@ -171,6 +171,36 @@ class SingleStageQA(dspy.Module):
         return dspy.Prediction(answer=answer, hop1_titles=titles, hop2_titles=[], passages=passages)
 
 
+def format_gold_passages(context: Any, gold_titles: Sequence[str], max_words: int | None) -> str:
+    """The gold paragraphs of ``context``, in context order, formatted as the answer stage sees passages."""
+    gold = set(gold_titles)
+    return format_passages([p for p in _paragraphs(context, max_words) if p[0] in gold])
+
+
+class GoldPassagesQA(dspy.Module):
+    """Oracle upstream: the ``answer`` stage of a program, given the gold supporting paragraphs.
+
+    It replaces both query stages and their retrieval by the example's gold titles (an input
+    here), so its score bounds what the answer stage reaches with perfect retrieval.
+
+    Args:
+        answer: The answer stage to copy (it is deep-copied, never shared).
+        max_passage_words: Paragraphs are cut to this many words, as in the program.
+    """
+
+    def __init__(self, answer: dspy.Predict, *, max_passage_words: int | None = 120) -> None:
+        super().__init__()
+        _check_settings(1, max_passage_words)
+        self.max_passage_words = max_passage_words
+        self.answer = answer.deepcopy()
+
+    def forward(self, question: str, context: list[Any], gold_titles: Sequence[str]) -> dspy.Prediction:
+        passages = format_gold_passages(context, gold_titles, self.max_passage_words)
+        answer = self.answer(question=question, passages=passages).answer
+        titles = list(gold_titles)
+        return dspy.Prediction(answer=answer, hop1_titles=titles, hop2_titles=[], passages=passages)
+
+
 # ---- the task -----------------------------------------------------------------------------------
 
 
@@ -270,6 +300,22 @@ class HotpotQATask(BaseTask):
 
     def gold_passages(self, example: dspy.Example) -> str:
         """The gold paragraphs formatted as the answer stage sees passages (oracle upstream)."""
-        gold = set(example.gold_titles)
-        paragraphs = _paragraphs(example.context, self.max_passage_words)
-        return format_passages([p for p in paragraphs if p[0] in gold])
+        return format_gold_passages(example.context, example.gold_titles, self.max_passage_words)
+
+    def oracle_programs(self, program: dspy.Module) -> Mapping[str, OracleProgram]:
+        """``answer``: the program's answer stage given the gold supporting paragraphs (:class:`GoldPassagesQA`).
+
+        None when ``program`` has no ``answer`` stage that is a ``dspy.Predict`` reading passages.
+        """
+        answer = dict(program.named_predictors()).get("answer")
+        if not isinstance(answer, dspy.Predict) or "passages" not in answer.signature.input_fields:
+            return {}
+        max_words = getattr(program, "max_passage_words", self.max_passage_words)
+        oracle = GoldPassagesQA(answer, max_passage_words=max_words)
+        return {
+            "answer": OracleProgram(
+                description="answer stage given the gold supporting paragraphs",
+                program=oracle,
+                gold_inputs=("gold_titles",),
+            )
+        }
