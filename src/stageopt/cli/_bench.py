@@ -121,6 +121,7 @@ def bench_table(summary: dict[str, dict[str, Any]], threshold: float = 0.95) -> 
         f"calls to {pct} of pool opt.",
         "reached",
         "LM calls",
+        "regret decay b",
         "note",
     ]
     rows: list[list[Any]] = []
@@ -140,6 +141,7 @@ def bench_table(summary: dict[str, dict[str, Any]], threshold: float = 0.95) -> 
                 _pm(s["calls_to_95_pool"], digits=0),
                 f"{s['reached_95_pool']}/{s['ok']}" if s["ok"] else "-",
                 _pm(s["lm_calls"], digits=0),
+                _pm(s.get("regret_decay_b"), digits=2),
                 note or "-",
             ]
         )
@@ -151,7 +153,8 @@ def bench_table(summary: dict[str, dict[str, Any]], threshold: float = 0.95) -> 
             "(exact expected scores). regret = optimum - true score of the returned program; "
             "pool regret = best of the run's own candidates - true score; "
             f"calls to {pct} (of the universe optimum, or of the run's own pool optimum): "
-            "mean over the seeds that reached it."
+            "mean over the seeds that reached it. regret decay b: the incumbent's true regret fitted "
+            "as a * calls^-b per run (stageopt strategies), mean over seeds."
         )
     return format_table(headers, rows) + footer
 

@@ -1,5 +1,6 @@
 """Search strategies across stages, all DSPy Teleprompters sharing one machinery."""
 
+from stageopt.strategies._allocation import BlameAllocation
 from stageopt.strategies._base import BaseStageOptimizer, check_metric
 from stageopt.strategies._coordinate import CoordinateDescent
 from stageopt.strategies._evolutionary import Evolutionary
@@ -43,6 +44,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "STRATEGIES",
     "BaseStageOptimizer",
+    "BlameAllocation",
     "CoordinateDescent",
     "Evolutionary",
     "GridSearch",

@@ -91,6 +91,9 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
 
     strategy_name = "base"
 
+    #: Early-stopping settings a strategy may have, reported in ``notes["stopping"]``.
+    STOPPING_SETTINGS = ("patience", "stage_patience", "min_delta", "max_rounds", "n_trials", "n_generations")
+
     def __init__(
         self,
         metric: Callable[..., float],
@@ -373,10 +376,33 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 name: {"instructions": len(c.instructions), "demo_sets": len(c.demo_sets)}
                 for name, c in state.space.stages.items()
             },
-            notes={"proposals": state.study.user_attrs.get("proposal_notes", {})},
+            notes={
+                "proposals": state.study.user_attrs.get("proposal_notes", {}),
+                **{k: v for k, v in state.notes.items() if k != "stopping_checks"},
+                "stopping": self.stopping_note(state, status, reason),
+            },
         )
         # The returned program runs on the caller's LMs, not on this run's metered copies.
         return state.space.apply(state.program, best_config, models=self.models)
+
+    def stopping_note(self, state: RunState, status: str, reason: str | None) -> dict[str, Any]:
+        """Where and why the run stopped: ``notes["stopping"]`` of the result.
+
+        ``after_trial`` is the last trial before the decision (``lm_calls`` the calls spent
+        then); ``settings`` the strategy's early-stopping settings; ``checks`` the checks the
+        strategy recorded in ``state.notes["stopping_checks"]``, when it records them.
+        """
+        last = max(state.records, key=lambda r: r.trial, default=None)
+        note: dict[str, Any] = {
+            "status": status,
+            "reason": reason,
+            "after_trial": last.trial if last else None,
+            "lm_calls": last.lm_calls if last else None,
+            "settings": {k: getattr(self, k) for k in self.STOPPING_SETTINGS if hasattr(self, k)},
+        }
+        if "stopping_checks" in state.notes:
+            note["checks"] = list(state.notes["stopping_checks"])
+        return _jsonable(note)
 
 
 def _jsonable(value: Any) -> Any:

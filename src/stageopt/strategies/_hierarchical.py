@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
 
 from stageopt._errors import ConfigurationError
+from stageopt.strategies._allocation import (
+    BlameAllocation,
+    allocation_note,
+    remaining_calls,
+    resolve_allocation,
+    run_probes,
+    split_by_share,
+)
 from stageopt.strategies._base import BaseStageOptimizer, RunState
 from stageopt.strategies._independent import (
+    DEFAULT_TRIALS_PER_STAGE,
     StagePlan,
     check_stage_settings,
     optimize_stages,
@@ -41,6 +51,12 @@ class HierarchicalBayesian(BaseStageOptimizer):
     score). A resumed run recounts both phases from the stored history and enqueues nothing
     once phase 2 has begun (or while an enqueued trial still waits).
 
+    With ``allocate="blame"`` a probe phase first measures each stage's room for improvement
+    on a validation subset (:mod:`~stageopt.strategies._allocation`), and phase 1's budget
+    (half of the calls left after the probes) is split across stages in proportion to their
+    shares instead of ``1/(2K)`` each; with ``trials_per_stage`` set, the ``K *
+    trials_per_stage`` phase-1 trials are split that way (each stage at least one).
+
     Args:
         metric: DSPy metric.
         budget: :class:`~stageopt.Budget` or an int of logical LM calls.
@@ -56,6 +72,9 @@ class HierarchicalBayesian(BaseStageOptimizer):
         min_delta: Smallest improvement that counts as progress, in both phases.
         parallel: Phase 1 in parallel mode (every stage against the original program, waves
             evaluated concurrently; see :class:`~stageopt.strategies.IndependentStages`).
+        allocate: ``"equal"`` (default) or ``"blame"``; a
+            :class:`~stageopt.strategies.BlameAllocation` or a dict of its settings for blame
+            with other probe settings.
         **kwargs: Settings of :class:`BaseStageOptimizer` (lm, adapter, stage_metrics, seed, ...).
     """
 
@@ -72,6 +91,7 @@ class HierarchicalBayesian(BaseStageOptimizer):
         patience: int | None = 12,
         min_delta: float = 0.005,
         parallel: bool = False,
+        allocate: str | BlameAllocation | Mapping[str, Any] = "equal",
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, budget=budget, **kwargs)
@@ -89,14 +109,20 @@ class HierarchicalBayesian(BaseStageOptimizer):
         self.patience = patience
         self.min_delta = min_delta
         self.parallel = parallel
+        self.allocation = resolve_allocation(allocate)
+        self.allocate = "equal" if self.allocation is None else "blame"
 
     def _search(self, state: RunState) -> tuple[str, str | None]:
         stages = state.space.names()
-        calls = search_calls(state)
-        per_stage = calls / (2 * len(stages)) if calls is not None else None
-        targets = {s: stage_trials(state, s, calls=per_stage, fixed=self.trials_per_stage) for s in stages}
+        if self.allocation is not None:
+            targets = self._blame_targets(state, self.allocation)
+        else:
+            calls = search_calls(state)
+            per_stage = calls / (2 * len(stages)) if calls is not None else None
+            targets = {s: stage_trials(state, s, calls=per_stage, fixed=self.trials_per_stage) for s in stages}
         plan = StagePlan("independent", targets, self.stage_patience, self.min_delta, self.parallel)
         combined = optimize_stages(state, plan)
+        self._note_phase_one(state, targets)
         waiting = state.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
         if not state.trials_in(phase="joint") and not waiting:
             with warnings.catch_warnings():
@@ -105,6 +131,41 @@ class HierarchicalBayesian(BaseStageOptimizer):
         return sampler_loop(
             state, phase="joint", n_trials=self.n_trials, patience=self.patience, min_delta=self.min_delta
         )
+
+    def _note_phase_one(self, state: RunState, targets: Mapping[str, int]) -> None:
+        """Record in ``notes["stopping"]["checks"]`` which stages ended phase 1 before their plan."""
+        checks = state.notes.setdefault("stopping_checks", [])
+        for stage, target in targets.items():
+            counted = sum(1 for r in state.trials_in(phase="independent", stage=stage) if not r.repeated)
+            checks.append(
+                {
+                    "phase": "independent",
+                    "stage": stage,
+                    "planned": target,
+                    "counted": counted,
+                    "stage_patience": self.stage_patience,
+                    "min_delta": self.min_delta,
+                    "decision": "plan done" if counted >= target else "stopped early (stage_patience or repeats)",
+                }
+            )
+
+    def _blame_targets(self, state: RunState, policy: BlameAllocation) -> dict[str, int]:
+        """Phase-1 trials per stage, in proportion to the probe's shares."""
+        outcome = run_probes(state, policy)
+        stages = state.space.names()
+        calls = remaining_calls(state, outcome)
+        if self.trials_per_stage is not None or calls is None:
+            each = self.trials_per_stage or DEFAULT_TRIALS_PER_STAGE
+            caps = {s: len(list(state.space.stage_configs(s))) - 1 for s in stages}
+            split = split_by_share(each * len(stages), outcome.shares, caps=caps, minimum=1)
+            targets = {s: stage_trials(state, s, calls=None, fixed=split[s]) for s in stages}
+            unit = "phase-1 trials per stage"
+        else:
+            phase1 = calls / 2
+            targets = {s: stage_trials(state, s, calls=phase1 * outcome.shares[s], fixed=None) for s in stages}
+            unit = "phase-1 trials per stage (from calls: half the budget left after the probes, by share)"
+        state.notes["allocation"] = allocation_note(policy, outcome, targets, unit=unit)
+        return targets
 
 
 def warm_start_params(config: Config) -> dict[str, int]:

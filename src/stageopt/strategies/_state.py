@@ -37,7 +37,12 @@ class StopSearch(Exception):
 
 @dataclass
 class RunState:
-    """Everything a search step needs: the space, the study, the ledger and the trials so far."""
+    """Everything a search step needs: the space, the study, the ledger and the trials so far.
+
+    A strategy may put JSON-ready entries in :attr:`notes`; they end up in the result's
+    ``notes`` (``notes["stopping_checks"]``: a list of the early-stopping checks it made, which
+    goes into ``notes["stopping"]["checks"]``).
+    """
 
     optimizer: BaseStageOptimizer
     program: dspy.Module
@@ -50,6 +55,7 @@ class RunState:
     scores: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
     calls_per_example: float = 0.0
     bar: Any = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def full_fidelity(self) -> int:

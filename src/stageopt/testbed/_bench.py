@@ -18,16 +18,30 @@ the optimizer is seeded with it. Measures:
 * ``calls_to_95_pool``: as ``calls_to_95`` but against ``threshold`` x the run's own pool
   optimum: how fast a search gets near the best it *could* reach with its candidates (the
   universe optimum is often out of every run's reach, since proposals sample the universe).
+* ``regret_decay`` (stageopt strategies): ``regret(c) = a * c ** (-b)`` fitted by
+  :func:`~stageopt.diagnostics.fit_regret_decay` to the *incumbent's* true regret after each
+  trial (the incumbent is the best full-fidelity trial by validation score so far, from
+  :func:`~stageopt.diagnostics.best_so_far`), against the run's cumulative LM calls; ``b`` is
+  the empirical convergence rate.
+* ``calls_to_gap`` (stageopt strategies): for each fraction ``f`` of ``gap_fractions``, the LM
+  calls spent when the incumbent's true score first reached ``baseline + f * (optimum -
+  baseline)`` (None: never). Unlike ``calls_to_95`` it only credits what the run would return
+  at that point, so subset evaluations (probes, multi-fidelity rungs) never count.
+
+``stage_offsets`` shapes the world: each stage's logit gets its offset added (through every
+instruction's quality, see :class:`ShapedWorld`), e.g. ``(-2, 1.5, 1.5)`` makes the first
+stage the bottleneck (low baseline probability, most room) and the others nearly saturated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import statistics
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dspy
@@ -36,12 +50,13 @@ import optuna
 from stageopt._errors import ConfigurationError
 from stageopt.compare._dspy import Quiet, bfsrs_num_candidates, budgeted_bfsrs, budgeted_mipro, caused_by_budget
 from stageopt.compare._methods import resolve_names
+from stageopt.diagnostics._convergence import best_so_far, fit_regret_decay
 from stageopt.evaluation import Budget, BudgetLedger, MeteredLM
 from stageopt.lm._adapter import SmallLMAdapter
 from stageopt.strategies import STRATEGIES, SearchSpace
 from stageopt.testbed._lm import CallObserver
 from stageopt.testbed._testbed import Testbed
-from stageopt.testbed._world import QualityWeights, StageChoice
+from stageopt.testbed._world import InstructionProfile, QualityWeights, StageChoice, World
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +81,60 @@ def resolve_strategies(spec: str) -> list[str]:
     return resolve_names(spec, known_strategies(), kind="strategy")
 
 
+#: Fractions of the baseline-to-optimum gap that ``calls_to_gap`` waits for, by default.
+GAP_FRACTIONS = (0.5, 0.8)
+
+
+class ShapedWorld(World):
+    """A testbed world whose stages differ in difficulty: stage ``i``'s logit gets ``offsets[i]``.
+
+    The offset is added to the quality of every instruction of the stage (divided by the
+    instruction weight), so it moves the stage's baseline and best probabilities together: a
+    negative offset makes a low, improvable stage (a bottleneck), a positive one a nearly
+    saturated stage with little room.
+
+    Args:
+        n_stages: Number of stages.
+        offsets: One logit offset per stage.
+        **kwargs: Arguments of :class:`World`.
+    """
+
+    def __init__(self, n_stages: int = 3, *, offsets: Sequence[float], **kwargs: Any) -> None:
+        super().__init__(n_stages, **kwargs)
+        if len(offsets) != n_stages:
+            raise ConfigurationError(f"`stage_offsets` needs one offset per stage ({n_stages}), got {list(offsets)}")
+        if self.weights.instruction <= 0:
+            raise ConfigurationError("`stage_offsets` needs a positive instruction weight")
+        self.offsets = tuple(float(o) for o in offsets)
+
+    def profile(self, stage: int, text: str | None) -> InstructionProfile:
+        """The hidden attributes of :class:`World`, the quality moved by the stage's offset."""
+        base = super().profile(stage, text)
+        return dataclasses.replace(base, quality=base.quality + self.offsets[stage] / self.weights.instruction)
+
+
+def make_testbed(
+    n_stages: int = 3,
+    *,
+    seed: int,
+    weights: QualityWeights | None = None,
+    pool_size: int = 6,
+    stage_offsets: Sequence[float] | None = None,
+) -> Testbed:
+    """A :class:`Testbed`, on a :class:`ShapedWorld` when ``stage_offsets`` is given."""
+    testbed = Testbed(n_stages, seed=seed, weights=weights, pool_size=pool_size)
+    if stage_offsets is not None:
+        testbed.world = ShapedWorld(
+            n_stages,
+            offsets=stage_offsets,
+            seed=seed,
+            train_ids=testbed.world.train_ids,
+            pool_size=pool_size,
+            weights=weights,
+        )
+    return testbed
+
+
 @dataclass
 class BenchRun:
     """One strategy run on one seed's world."""
@@ -88,6 +157,10 @@ class BenchRun:
     wall_s: float = 0.0
     error: str | None = None
     note: str | None = None
+    regret_decay: dict[str, Any] | None = None
+    calls_to_gap: dict[str, int | None] = field(default_factory=dict)
+    stage_offsets: list[float] | None = None
+    allocation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready run."""
@@ -104,6 +177,8 @@ def run_one(
     weights: QualityWeights | None = None,
     pool_size: int = 6,
     options: Mapping[str, Any] | None = None,
+    stage_offsets: Sequence[float] | None = None,
+    gap_fractions: Sequence[float] = GAP_FRACTIONS,
 ) -> BenchRun:
     """Run ``strategy`` on the world of ``seed``; a failing strategy becomes an ``error`` run.
 
@@ -116,6 +191,8 @@ def run_one(
         weights: Weights of the hidden quality function (default: :class:`QualityWeights`).
         pool_size: Generated instructions per stage in the universe.
         options: Extra constructor settings of a stageopt strategy (e.g. ``{"max_rounds": 2}``).
+        stage_offsets: Logit offset of each stage (a :class:`ShapedWorld`; None: the plain world).
+        gap_fractions: Fractions of the baseline-to-optimum gap for ``calls_to_gap``.
 
     A strategy's own test can show that it improves on the baseline:
     ``run = run_one("coordinate", budget_calls=600, seed=0); assert run.true_score > run.baseline``.
@@ -124,15 +201,18 @@ def run_one(
         raise ConfigurationError(f"`budget_calls` must be >= 1, got {budget_calls=}")
     if not 0 < threshold <= 1:
         raise ConfigurationError(f"`threshold` must be in (0, 1], got {threshold=}")
-    testbed = Testbed(n_stages, seed=seed, weights=weights, pool_size=pool_size)
+    if any(not 0 < f <= 1 for f in gap_fractions):
+        raise ConfigurationError(f"`gap_fractions` must be in (0, 1], got {list(gap_fractions)}")
+    testbed = make_testbed(n_stages, seed=seed, weights=weights, pool_size=pool_size, stage_offsets=stage_offsets)
     optimum = testbed.optimum().score
     run = BenchRun(strategy, seed, "error", optimum, testbed.true_score(testbed.program()))
+    run.stage_offsets = list(stage_offsets) if stage_offsets is not None else None
     start = time.perf_counter()
     try:
         if strategy in DSPY_OPTIMIZERS:
             _run_dspy(run, testbed, budget_calls, threshold)
         else:
-            _run_stageopt(run, testbed, budget_calls, threshold, dict(options or {}))
+            _run_stageopt(run, testbed, budget_calls, threshold, dict(options or {}), gap_fractions)
     except Exception as exc:
         run.status = "error"
         run.error = f"{type(exc).__name__}: {exc}"
@@ -147,7 +227,12 @@ def _finish(run: BenchRun, testbed: Testbed, program: dspy.Module) -> None:
 
 
 def _run_stageopt(
-    run: BenchRun, testbed: Testbed, budget_calls: int, threshold: float, options: dict[str, Any]
+    run: BenchRun,
+    testbed: Testbed,
+    budget_calls: int,
+    threshold: float,
+    options: dict[str, Any],
+    gap_fractions: Sequence[float] = GAP_FRACTIONS,
 ) -> None:
     cls = STRATEGIES[run.strategy]
     observer = CallObserver()
@@ -185,6 +270,21 @@ def _run_stageopt(
     run.pool_optimum = testbed.space_optimum(space)
     run.pool_regret = run.pool_optimum - (run.true_score or 0.0)
     run.calls_to_95_pool = next((calls for calls, true in trues if true >= threshold * run.pool_optimum), None)
+    # The incumbent (best full-fidelity trial by validation so far) and its true score per trial.
+    params = {int(r["trial"]): r["params"] for r in result.history}
+    true_of: dict[int, float] = {}
+    incumbent: list[tuple[int, float]] = []
+    for point in best_so_far(result.history):
+        if point.best_trial not in true_of:
+            true_of[point.best_trial] = testbed.true_score(space.apply(base, params[point.best_trial]))
+        incumbent.append((point.lm_calls, true_of[point.best_trial]))
+    run.regret_decay = fit_regret_decay(incumbent, run.optimum).to_dict()
+    allocation = result.notes.get("allocation")
+    if allocation and allocation.get("probe"):  # allocate="blame": what the probes measured
+        run.allocation = {"shares": allocation["probe"]["shares"], "targets": allocation["targets"]}
+    for fraction in gap_fractions:
+        target = run.baseline + fraction * (run.optimum - run.baseline)
+        run.calls_to_gap[f"{fraction:g}"] = next((calls for calls, true in incumbent if true >= target - 1e-12), None)
 
 
 def _run_dspy(run: BenchRun, testbed: Testbed, budget_calls: int, threshold: float) -> None:
@@ -272,6 +372,8 @@ def summarize(runs: list[BenchRun]) -> dict[str, dict[str, Any]]:
             "reached_95_pool": len(reached_pool),
             "lm_calls": _mean_std([r.lm_calls for r in ok]),
             "baseline": _mean_std([r.baseline for r in mine]),
+            "regret_decay_b": _mean_std([r.regret_decay["b"] for r in ok if r.regret_decay]),
+            "regret_decay_r2": _mean_std([r.regret_decay["r2"] for r in ok if r.regret_decay]),
             "optimum": _mean_std([r.optimum for r in mine]),
             "calls_to_95_source": next((r.calls_to_95_source for r in ok), None),
         }
