@@ -10,7 +10,7 @@ STAMP := $(VENV)/.stageopt-installed
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install demo test lint typecheck pytest clean
+.PHONY: install demo test lint typecheck pytest browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install
+# headless Chromium for the browser test of `stageopt report` (apt-get when root; else it says how)
+browser:
+	sh scripts/ensure-chromium.sh
+
+pytest: install browser
 	$(PY) -m pytest -q -ra
 
 test: lint typecheck pytest

@@ -215,7 +215,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     budget = Budget(lm_calls=args.budget_calls, tokens=args.budget_tokens, wall_s=args.budget_seconds)
     task, lm, adapter = _setup(args)
     trainset = task.load("train", n=args.n_train)
-    extra = strategy_options(args.strategy, getattr(args, "option", None) or [])
+    options = list(getattr(args, "option", None) or [])
+    if getattr(args, "allocate", None) is not None:
+        if any(o.partition("=")[0].strip() == "allocate" for o in options):
+            raise ConfigurationError("give --allocate or --option allocate=..., not both")
+        options.append(f"allocate={args.allocate}")
+    extra = strategy_options(args.strategy, options)
     if args.strategy == "coordinate":
         extra = {"max_rounds": args.max_rounds, "trials_per_stage": args.trials_per_stage, **extra}
     _, result = _run_optimizer(task, lm, adapter, trainset, out, args, budget, args.strategy, extra)

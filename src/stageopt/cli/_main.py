@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from stageopt._errors import StageoptError, find_cause
 from stageopt.cli._bench import add_testbed_arguments
 from stageopt.cli._compare import add_compare_arguments
+from stageopt.cli._diagnose import add_diagnose_arguments
+from stageopt.cli._report import add_report_arguments
 
 #: The names in ``stageopt.strategies.STRATEGIES``, listed here so that building the parser does
 #: not import DSPy (a test keeps the two in step).
@@ -80,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--trials-per-stage", type=int, default=None, help="coordinate: trials per stage per round (default: up to 6)"
     )
+    opt.add_argument(
+        "--allocate",
+        default=None,
+        choices=("equal", "blame"),
+        help="coordinate, hierarchical: budget across stages; blame = probe each stage's room for "
+        "improvement on a validation subset first, then share trials by it (default: equal)",
+    )
     opt.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
     opt.add_argument("--resume", action="store_true", help="continue the run in --out")
 
@@ -97,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(compare)
     add_compare_arguments(compare)
+
+    diagnose = sub.add_parser(
+        "diagnose", help="where a program's errors come from: stage metrics, error origins, attribution, oracle"
+    )
+    _common(diagnose)
+    add_diagnose_arguments(diagnose)
+
+    report = sub.add_parser("report", help="self-contained HTML report and Markdown summary of run directories")
+    add_report_arguments(report)
 
     bench = sub.add_parser("bench", help="benchmarks; testbed: a SIMULATION with a known optimum")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -137,6 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from stageopt.cli._compare import cmd_compare
 
             return cmd_compare(args)
+        if args.command == "diagnose":
+            from stageopt.cli._diagnose import cmd_diagnose
+
+            return cmd_diagnose(args)
+        if args.command == "report":
+            from stageopt.cli._report import cmd_report
+
+            return cmd_report(args)
         from stageopt.cli import _commands
 
         if args.command == "eval":
