@@ -1,6 +1,7 @@
 """Running programs on data: scores, stage traces, cost and budgets."""
 
 from stageopt.evaluation._budget import Budget, BudgetLedger, Usage
+from stageopt.evaluation._cost import ModelPrice, PriceTable, call_cost, parse_price
 from stageopt.evaluation._evaluate import (
     EvaluationReport,
     ExampleResult,
@@ -18,11 +19,15 @@ __all__ = [
     "ExampleRecorder",
     "ExampleResult",
     "MeteredLM",
+    "ModelPrice",
+    "PriceTable",
     "StageCall",
     "StageSummary",
     "Usage",
     "active_recorder",
+    "call_cost",
     "evaluate",
     "mean_ci95",
+    "parse_price",
     "stage_names",
 ]

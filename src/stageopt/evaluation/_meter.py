@@ -26,6 +26,8 @@ class StageCall:
     error: str | None = None
     #: Characters of the completion text (all choices together); 0 when the call failed.
     output_chars: int = 0
+    #: The model that answered (the wrapped LM's ``model`` name), for per-model prices.
+    model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record."""
@@ -149,7 +151,10 @@ class MeteredLM(dspy.BaseLM):
     def __call__(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
         self.ledger.reserve()
         recorder = _RECORDER.get()
-        record = StageCall(stage=recorder.stage_of_current_call() if recorder else None)
+        record = StageCall(
+            stage=recorder.stage_of_current_call() if recorder else None,
+            model=getattr(self.inner, "model", None),
+        )
         if recorder is not None:
             recorder.calls.append(record)
         sink = _HistorySink()
