@@ -65,15 +65,16 @@ def parse_thresholds(options: list[str]) -> dict[str, float]:
     return out
 
 
-def _load_program(task: BaseTask, path_text: str, flag: str) -> dspy.Module:
+def _load_program(task: BaseTask, path_text: str, flag: str, args: argparse.Namespace, lm: dspy.BaseLM) -> dspy.Module:
+    """The task's program with ``path_text`` loaded into it, its stages routed to their saved models."""
+    from stageopt.cli._commands import _resolver
+    from stageopt.cli._routing import load_program
+
     program = task.program()
     path = Path(path_text)
     if not path.is_file():
         raise ConfigurationError(f"{flag} {path} does not exist; give a program.json from `stageopt optimize`")
-    try:
-        program.load(str(path))
-    except Exception as exc:
-        raise ConfigurationError(f"cannot load {flag} {path}: {exc}") from exc
+    load_program(program, path, lm_name=args.lm, lm=lm, resolve=_resolver(args))
     return program
 
 
@@ -99,14 +100,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     task, lm, adapter = _setup(args)
     examples = task.load(args.split, n=args.n)
     if args.program:
-        program = _load_program(task, args.program, "--program")
+        program = _load_program(task, args.program, "--program", args, lm)
         subject = f"program {args.program}"
     else:
         program = task.program()
         subject = "the unoptimized program (no --program)"
     baseline = None
     if args.baseline:
-        baseline = _load_program(task, args.baseline, "--baseline")
+        baseline = _load_program(task, args.baseline, "--baseline", args, lm)
         against = f"baseline {args.baseline}"
     elif args.program:
         baseline = task.program()
