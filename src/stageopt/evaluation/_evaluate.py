@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import copy
 import logging
 import math
 import statistics
@@ -292,9 +293,17 @@ def evaluate(
 
 
 def _metered_program(program: dspy.Module, ledger: BudgetLedger) -> tuple[dspy.Module, dict[int, str]]:
-    """Meter predictors that carry their own LM (on a copy, never the caller's program)."""
-    if any(p.lm is not None and not isinstance(p.lm, MeteredLM) for _, p in program.named_predictors()):
-        program = program.deepcopy()
+    """Meter predictors that carry their own LM (on a copy, never the caller's program).
+
+    The copy shares the caller's LMs rather than copying them: an embedded model must not be
+    copied (llama.cpp would load it again), and calls must reach the LM the caller holds.
+    """
+    own = {id(p.lm): p.lm for _, p in program.named_predictors() if p.lm is not None}
+    if any(not isinstance(lm, MeteredLM) for lm in own.values()):
+        try:
+            program = copy.deepcopy(program, dict(own))  # memo: each LM "copies" to itself
+        except Exception:
+            program = program.deepcopy()
         for _, predictor in program.named_predictors():
             if predictor.lm is not None and not isinstance(predictor.lm, MeteredLM):
                 predictor.lm = MeteredLM(predictor.lm, ledger)

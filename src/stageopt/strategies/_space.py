@@ -16,6 +16,13 @@ configuration keys and stored spaces, and a knob at index 0 leaves the stage as 
   does, so the predictor object and its stage name stay the same).
 * ``model``: the name of the LM the stage runs on (``None``: the run's LM); names resolve
   through the ``models`` mapping given to the optimizer and never enter stored results.
+
+A run may also search the program's *structure* (``settings={"structure": [knob, ...]}``, see
+:mod:`~stageopt.strategies._structure`): program-level knobs such as the number of retrieval
+hops, held in configurations under the key :data:`STRUCTURE` (``{"@structure": {"hops": 1}}``,
+indices like every knob; absent means index 0, the program as it is). A stage that a structure
+does not run keeps index 0 of its knobs in configurations that :meth:`SearchSpace.suggest` makes,
+and the sampler is not asked for them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import dspy
 import optuna
 
 from stageopt._errors import ConfigurationError
+from stageopt.strategies._structure import STRUCTURE, StructuredProgram, StructureSpace
 
 Config = dict[str, dict[str, int]]
 Demo = dict[str, Any]
@@ -39,6 +47,9 @@ KNOBS = ("instruction", "demos")
 
 #: Optional per-stage settings a run may enable, in the order they appear in configurations.
 SETTING_KNOBS = ("temperature", "n_demos", "module", "model")
+
+#: The ``settings`` key that enables structure knobs (a list of knob names, ``["*"]``: all).
+STRUCTURE_SETTING = "structure"
 
 #: Choices of the ``module`` knob.
 MODULES = ("predict", "cot")
@@ -107,26 +118,30 @@ class SearchSpace:
     Attributes:
         stages: The choices of each stage.
         models: LMs by name, for the ``model`` knob (held at run time, never serialised).
+        structure: The program-level structure knobs searched, None: the structure is fixed.
     """
 
     stages: dict[str, StageCandidates]
     models: dict[str, dspy.BaseLM] = field(default_factory=dict, repr=False, compare=False)
+    structure: StructureSpace | None = None
 
     @classmethod
     def initial(
         cls,
         program: dspy.Module,
         *,
-        settings: Mapping[str, Sequence[Any]] | None = None,
+        settings: Mapping[str, Any] | None = None,
         models: Mapping[str, dspy.BaseLM] | None = None,
     ) -> SearchSpace:
         """A space holding each stage's current instruction and demos, plus ``settings`` choices.
 
         Each enabled setting knob gets the stage's original setting as choice 0, then the values
-        of ``settings[knob]`` that differ from it (see :func:`validate_settings`).
+        of ``settings[knob]`` that differ from it (see :func:`validate_settings`). With
+        ``settings["structure"]``, the program's structure knobs (its current shape as choice 0).
         """
         models = validate_models(models)
         choices = validate_settings(settings, models)
+        knobs = choices.pop(STRUCTURE_SETTING, None)
         stages = {}
         for name, predictor in program.named_predictors():
             demos = [_demo_dict(d) for d in predictor.demos]
@@ -135,7 +150,8 @@ class SearchSpace:
                 original = _original(knob, predictor)
                 stage_settings[knob] = [original, *(v for v in values if v != original)]
             stages[name] = StageCandidates([predictor.signature.instructions], [demos], stage_settings)
-        return cls(stages, dict(models))
+        structure = StructureSpace.of(program, knobs, list(stages)) if knobs else None
+        return cls(stages, dict(models), structure)
 
     def names(self) -> list[str]:
         """Stage names in program order."""
@@ -146,18 +162,64 @@ class SearchSpace:
         return {name: dict.fromkeys(c.knobs(), 0) for name, c in self.stages.items()}
 
     def distributions(self, stage: str) -> dict[str, optuna.distributions.BaseDistribution]:
-        """Optuna distributions of one stage's knobs (parameters named ``stage.knob``)."""
-        candidates = self.stages[stage]
+        """Optuna distributions of one stage's knobs (parameters named ``stage.knob``).
+
+        ``stage`` may be :data:`STRUCTURE` when the space has structure knobs.
+        """
+        if stage == STRUCTURE and self.structure is not None:
+            sizes = {knob: len(values) for knob, values in self.structure.choices.items()}
+        else:
+            candidates = self.stages[stage]
+            sizes = {knob: candidates.size(knob) for knob in candidates.knobs()}
         return {
-            param_name(stage, knob): optuna.distributions.CategoricalDistribution(list(range(candidates.size(knob))))
-            for knob in candidates.knobs()
+            param_name(stage, knob): optuna.distributions.CategoricalDistribution(list(range(size)))
+            for knob, size in sizes.items()
         }
 
     def all_distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
-        """Distributions of every stage's knobs."""
+        """Distributions of every knob: the structure's first, then every stage's (unconditional)."""
         out: dict[str, optuna.distributions.BaseDistribution] = {}
-        for stage in self.stages:
+        for stage in [STRUCTURE] * (self.structure is not None) + list(self.stages):
             out.update(self.distributions(stage))
+        return out
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Config:
+        """Ask ``trial`` for a whole-program configuration, define-by-run.
+
+        The structure knobs are asked first; then each stage's knobs, only for the stages that
+        structure runs (a conditional space: TPE with ``group=True`` models each set of
+        parameters that occur together). A stage that does not run keeps index 0. Without
+        structure knobs this asks the same parameters, in the same order, as
+        ``study.ask(all_distributions())``.
+        """
+        config: Config = {}
+        if self.structure is not None:
+            config[STRUCTURE] = {
+                knob: int(trial.suggest_categorical(param_name(STRUCTURE, knob), list(range(len(values)))))
+                for knob, values in self.structure.choices.items()
+            }
+        for stage, candidates in self.stages.items():
+            if not self.runs(stage, config):
+                config[stage] = dict.fromkeys(candidates.knobs(), 0)
+                continue
+            config[stage] = {
+                knob: int(trial.suggest_categorical(param_name(stage, knob), list(range(candidates.size(knob)))))
+                for knob in candidates.knobs()
+            }
+        return config
+
+    def runs(self, stage: str, config: Config) -> bool:
+        """Whether ``stage`` runs in the program shape ``config`` chooses (always, without structure)."""
+        if self.structure is None:
+            return True
+        return self.structure.runs(stage, config.get(STRUCTURE, {}))
+
+    def normalize(self, config: Config) -> Config:
+        """A copy of ``config`` whose stages that do not run are at index 0 (the same program)."""
+        out = {stage: dict(choice) for stage, choice in config.items()}
+        for stage in self.stages:
+            if stage in out and not self.runs(stage, config):
+                out[stage] = dict.fromkeys(out[stage], 0)
         return out
 
     def stage_configs(self, stage: str) -> Iterator[dict[str, int]]:
@@ -203,11 +265,13 @@ class SearchSpace:
         Args:
             program: The original program (not modified).
             config: The choices by stage; a stage or setting knob it leaves out keeps index 0.
+                Its :data:`STRUCTURE` entry, when the space has one, picks the program's shape
+                (``program.with_structure(...)``; stage names stay the same).
             models: LMs by name for the ``model`` knob (default: :attr:`models`).
         """
-        self.validate_stages(list(config))
+        self.validate_stages([s for s in config if s != STRUCTURE])
         models = self.models if models is None else models
-        new = program.deepcopy()
+        new = self._shaped(program, config.get(STRUCTURE))
         for name, predictor in new.named_predictors():
             if name not in config:
                 continue
@@ -231,14 +295,47 @@ class SearchSpace:
                 predictor.lm = models[model]
         return new
 
+    def _shaped(self, program: dspy.Module, choice: Mapping[str, int] | None) -> dspy.Module:
+        """A copy of ``program`` in the shape ``choice`` picks (a plain copy for index 0)."""
+        if self.structure is None:
+            if choice:
+                raise ConfigurationError(
+                    f"the configuration sets structure knobs {sorted(choice)}, but this space searches no "
+                    "structure (enable it with settings={'structure': [...]})"
+                )
+            return program.deepcopy()
+        if not choice or not any(choice.values()):
+            return program.deepcopy()
+        values = self.structure.values(choice)
+        stages = [n for n, _ in program.named_predictors()]
+        if not isinstance(program, StructuredProgram):
+            raise ConfigurationError(
+                f"the configuration picks a structure ({values}), but {type(program).__name__} declares no "
+                "structure knobs; apply it to the program the space was built from"
+            )
+        shaped = program.with_structure(**values)
+        names = [n for n, _ in shaped.named_predictors()]
+        if names != stages:
+            raise ConfigurationError(
+                f"{type(program).__name__}.with_structure({values}) changed the stage names to {names}; "
+                "structure variants must keep every stage (an unused stage simply is not called)"
+            )
+        return shaped
+
     def describe(self, config: Config) -> dict[str, dict[str, Any]]:
         """Human-readable parameters of ``config``.
 
         The pools appear by index plus ``instruction_text`` and ``n_demos`` (the number of demos
-        the stage gets); enabled setting knobs appear by value.
+        the stage gets); enabled setting knobs appear by value. With structure knobs, the entry
+        :data:`STRUCTURE` gives their values (those a configuration leaves out at index 0) and
+        ``runs: false`` marks a stage that structure does not run.
         """
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
+        if self.structure is not None:
+            out[STRUCTURE] = self.structure.values(config.get(STRUCTURE, {}))
         for name, choice in config.items():
+            if name == STRUCTURE:
+                continue
             c = self.stages[name]
             limit = c.value("n_demos", choice.get("n_demos", 0))
             described = {
@@ -249,17 +346,24 @@ class SearchSpace:
             for knob in SETTING_KNOBS:
                 if knob in c.settings and knob != "n_demos":
                     described[knob] = c.value(knob, choice.get(knob, 0))
+            if not self.runs(name, config):
+                described["runs"] = False
             out[name] = described
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready space (without :attr:`models`)."""
-        return {name: c.to_dict() for name, c in self.stages.items()}
+        """JSON-ready space (without :attr:`models`); the structure, if any, under :data:`STRUCTURE`."""
+        data: dict[str, Any] = {name: c.to_dict() for name, c in self.stages.items()}
+        if self.structure is not None:
+            data[STRUCTURE] = self.structure.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, models: Mapping[str, dspy.BaseLM] | None = None) -> SearchSpace:
         """Inverse of :meth:`to_dict`; ``models`` supplies the LMs of the ``model`` knob."""
-        return cls({name: StageCandidates.from_dict(c) for name, c in data.items()}, dict(models or {}))
+        structure = StructureSpace.from_dict(data[STRUCTURE]) if STRUCTURE in data else None
+        stages = {name: StageCandidates.from_dict(c) for name, c in data.items() if name != STRUCTURE}
+        return cls(stages, dict(models or {}), structure)
 
 
 def validate_models(models: Mapping[str, dspy.BaseLM] | None) -> dict[str, dspy.BaseLM]:
@@ -277,7 +381,7 @@ def validate_models(models: Mapping[str, dspy.BaseLM] | None) -> dict[str, dspy.
 
 
 def validate_settings(
-    settings: Mapping[str, Sequence[Any]] | None, models: Mapping[str, dspy.BaseLM] | None = None
+    settings: Mapping[str, Any] | None, models: Mapping[str, dspy.BaseLM] | None = None
 ) -> dict[str, list[Any]]:
     """Check the setting knobs a run searches and return their choices (repeats dropped).
 
@@ -286,6 +390,8 @@ def validate_settings(
             Allowed: ``temperature`` (numbers >= 0), ``n_demos`` (ints >= 0), ``module``
             (``"predict"``, ``"cot"``) and ``model`` (names in ``models``); ``None`` is allowed
             for ``temperature``, ``n_demos`` and ``model`` and means the stage's original setting.
+            ``structure`` is not a stage knob: it names the program's structure knobs to search
+            (``["*"]`` or ``True``: all; checked against the program when the space is built).
         models: LMs by name, required by the ``model`` knob.
 
     Raises:
@@ -295,9 +401,10 @@ def validate_settings(
         return {}
     if not isinstance(settings, Mapping):
         raise ConfigurationError(f"`settings` must map knob names to lists of choices, got {settings!r}")
-    unknown = [k for k in settings if k not in SETTING_KNOBS]
+    unknown = [k for k in settings if k not in (*SETTING_KNOBS, STRUCTURE_SETTING)]
     if unknown:
-        raise ConfigurationError(f"unknown setting knob(s) {unknown}; allowed: {', '.join(SETTING_KNOBS)}")
+        allowed = ", ".join((*SETTING_KNOBS, STRUCTURE_SETTING))
+        raise ConfigurationError(f"unknown setting knob(s) {unknown}; allowed: {allowed}")
     out: dict[str, list[Any]] = {}
     for knob in SETTING_KNOBS:
         if knob not in settings:
@@ -308,7 +415,20 @@ def validate_settings(
         for value in values:
             _check_setting(knob, value, models or {})
         out[knob] = list(dict.fromkeys(values))
+    if STRUCTURE_SETTING in settings:
+        out[STRUCTURE_SETTING] = _structure_knobs(settings[STRUCTURE_SETTING])
     return out
+
+
+def _structure_knobs(value: Any) -> list[str]:
+    if value is True:
+        return ["*"]
+    names = isinstance(value, Sequence) and not isinstance(value, str | bytes) and bool(value)
+    if not names or not all(isinstance(v, str) and v for v in value):
+        raise ConfigurationError(
+            f"`settings['structure']` must be a non-empty list of structure knob names (or True for all), got {value!r}"
+        )
+    return list(dict.fromkeys(value))
 
 
 def _check_setting(knob: str, value: Any, models: Mapping[str, dspy.BaseLM]) -> None:
@@ -366,7 +486,7 @@ def config_from_params(params: Mapping[str, Any], base: Config) -> Config:
     config = {stage: dict(choice) for stage, choice in base.items()}
     for key, value in params.items():
         stage, _, knob = key.rpartition(".")
-        config.setdefault(stage, dict.fromkeys(KNOBS, 0))[knob] = int(value)
+        config.setdefault(stage, {} if stage == STRUCTURE else dict.fromkeys(KNOBS, 0))[knob] = int(value)
     return config
 
 
@@ -374,10 +494,14 @@ def config_key(config: Config) -> str:
     """A canonical string for a configuration (to recognise repeats).
 
     Setting knobs at index 0 (the original setting) are left out, so a configuration means the
-    same key whether or not its run enabled setting knobs.
+    same key whether or not its run enabled setting knobs; so are structure knobs at index 0.
     """
     parts = []
     for stage, c in sorted(config.items()):
+        if stage == STRUCTURE:
+            if any(c.values()):
+                parts.append(f"{stage}:" + "/".join(f"{k}={v}" for k, v in sorted(c.items()) if v))
+            continue
         settings = "".join(f"/{k}={c[k]}" for k in SETTING_KNOBS if c.get(k))
         parts.append(f"{stage}:{c['instruction']}/{c['demos']}{settings}")
     return ";".join(parts)

@@ -5,6 +5,10 @@ once more with the verifier's note added to the plan (one extra LM call at most)
 an exact numeric match of the final answer: the last number of the model's answer, commas and
 currency signs removed, compared as an exact rational (``18.0 == 18``, ``1/2 == 0.5``).
 
+The verification stage is a searchable structure knob (``verification``: on or off; off, the
+program is understand -> plan -> solve and ``verify`` is never called), see
+:class:`~stageopt.strategies.StructureKnobs`.
+
 Gold labels for demos come from the worked ``solution`` of each row: ``facts`` (the question's
 numbers and what it asks), ``plan`` (the gold steps, numbered), ``solution`` (the gold steps
 without the ``<<a*b=c>>`` calculator annotations) and ``answer``.
@@ -13,13 +17,14 @@ without the ``<<a*b=c>>`` calculator annotations) and ``answer``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import dspy
 
+from stageopt.strategies._structure import StructureKnobs
 from stageopt.tasks._base import BaseTask, OracleProgram, StageMetric
 from stageopt.tasks._data import read_jsonl, resolve_split
 
@@ -183,22 +188,31 @@ def _answer_text(answer: str | None, solution: str | None) -> str:
     return answer
 
 
-class MathReasoner(dspy.Module):
+class MathReasoner(StructureKnobs, dspy.Module):
     """Stages ``understand``, ``plan``, ``solve`` and ``verify``; at most one revision.
 
     When the verdict asks for a revision (see :func:`wants_revision`), ``solve`` runs once more
     with the verifier's note appended to the plan; the final answer is the revised one when it
     holds a number, else a number the verifier gave, else the first answer. So an example costs
-    four LM calls, or five when revised.
+    four LM calls, or five when revised; three without verification.
 
     The prediction exposes every stage's output for the stage metrics: ``facts``, ``plan``,
     ``solution`` and ``solve_answer`` (first solve call), ``verdict``, ``revised`` and the final
-    ``answer`` (and ``final_solution``).
+    ``answer`` (and ``final_solution``). Without verification the verdict is empty, which the
+    ``verify`` stage metric scores as a verifier that accepts every answer.
+
+    Args:
+        revise: Let the verify stage ask for one revision.
+        verification: Run the verify stage at all (a structure knob).
     """
 
-    def __init__(self, *, revise: bool = True) -> None:
+    STRUCTURE: ClassVar[Mapping[str, Sequence[Any]]] = {"verification": (True, False)}
+    STAGE_CONDITIONS: ClassVar[Mapping[str, Mapping[str, Sequence[Any]]]] = {"verify": {"verification": (True,)}}
+
+    def __init__(self, *, revise: bool = True, verification: bool = True) -> None:
         super().__init__()
         self.revise = revise
+        self.verification = verification
         self.understand = dspy.Predict(Understand)
         self.plan = dspy.Predict(Plan)
         self.solve = dspy.Predict(Solve)
@@ -210,7 +224,9 @@ class MathReasoner(dspy.Module):
         first = self.solve(question=question, facts=facts, plan=plan)
         solution = (first.solution or "").strip()
         solve_answer = _answer_text(first.answer, solution)
-        verdict = (self.verify(question=question, solution=solution, answer=solve_answer).verdict or "").strip()
+        verdict = ""
+        if self.verification:
+            verdict = (self.verify(question=question, solution=solution, answer=solve_answer).verdict or "").strip()
         answer, final_solution, revised = solve_answer, solution, False
         if self.revise and wants_revision(verdict):
             revised = True
@@ -301,14 +317,16 @@ class GSM8KTask(BaseTask):
 
     Args:
         revise: Let the verify stage ask for one revision (one extra ``solve`` call).
+        verification: Run the verify stage (off: understand -> plan -> solve).
         data_dir: Folder holding ``gsm8k/{train,dev}.jsonl`` (default: see ``data_dir()``).
     """
 
     name = "gsm8k"
     metric_name = "accuracy"
 
-    def __init__(self, *, revise: bool = True, data_dir: str | Path | None = None) -> None:
+    def __init__(self, *, revise: bool = True, verification: bool = True, data_dir: str | Path | None = None) -> None:
         self.revise = revise
+        self.verification = verification
         self.data_dir = data_dir
 
     def load(self, split: str, *, n: int | None = None) -> list[dspy.Example]:
@@ -340,7 +358,7 @@ class GSM8KTask(BaseTask):
 
     def program(self) -> dspy.Module:
         """A fresh :class:`MathReasoner`."""
-        return MathReasoner(revise=self.revise)
+        return MathReasoner(revise=self.revise, verification=self.verification)
 
     def single_stage_program(self) -> dspy.Module:
         """The single-stage baseline :class:`SingleStageMath` (question -> solution, answer)."""

@@ -2,6 +2,10 @@
 
 Retrieval is BM25 (``bm25s``) over each example's own ten paragraphs, so no index or network
 is needed. Stage metrics are the recall of the gold supporting titles after each hop.
+
+The program's shape is searchable (:class:`~stageopt.strategies.StructureKnobs`): ``hops`` (2,
+or 1: ``query2`` is not called and the answer reads hop 1's passages) and ``k``, the passages
+retrieved per hop (2, 3 or 5).
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import string
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import bm25s
 import dspy
 
 from stageopt._errors import ConfigurationError
+from stageopt.strategies._structure import StructureKnobs
 from stageopt.tasks._base import BaseTask, OracleProgram, StageMetric
 from stageopt.tasks._data import read_jsonl, resolve_split
 
@@ -117,20 +122,35 @@ def _paragraphs(context: Any, max_words: int | None) -> list[Passage]:
     return [(str(title), _truncate(str(text), max_words)) for title, text in context]
 
 
-def _check_settings(k: int, max_passage_words: int | None) -> None:
+def _check_settings(k: int, max_passage_words: int | None, hops: int = 2) -> None:
     if k < 1:
         raise ConfigurationError(f"`k` (passages per hop) must be >= 1, got {k=}")
+    if hops not in (1, 2):
+        raise ConfigurationError(f"`hops` (retrieval hops) must be 1 or 2, got {hops=}")
     if max_passage_words is not None and max_passage_words < 1:
         raise ConfigurationError(f"`max_passage_words` must be >= 1 or None, got {max_passage_words=}")
 
 
-class MultiHopQA(dspy.Module):
-    """Two retrieval hops and an answer: stages ``query1``, ``query2`` and ``answer``."""
+class MultiHopQA(StructureKnobs, dspy.Module):
+    """Retrieval hops and an answer: stages ``query1``, ``query2`` and ``answer``.
 
-    def __init__(self, *, k: int = 2, max_passage_words: int | None = 120) -> None:
+    Structure knobs: ``hops`` (with 1, ``query2`` is not called and hop 2 retrieves nothing)
+    and ``k`` (passages per hop). The stages are the same in every shape.
+
+    Args:
+        k: Passages retrieved per hop.
+        hops: Retrieval hops, 1 or 2.
+        max_passage_words: Paragraphs are cut to this many words (prompt size).
+    """
+
+    STRUCTURE: ClassVar[Mapping[str, Sequence[Any]]] = {"hops": (2, 1), "k": (2, 3, 5)}
+    STAGE_CONDITIONS: ClassVar[Mapping[str, Mapping[str, Sequence[Any]]]] = {"query2": {"hops": (2,)}}
+
+    def __init__(self, *, k: int = 2, hops: int = 2, max_passage_words: int | None = 120) -> None:
         super().__init__()
-        _check_settings(k, max_passage_words)
+        _check_settings(k, max_passage_words, hops)
         self.k = k
+        self.hops = hops
         self.max_passage_words = max_passage_words
         self.query1 = dspy.Predict(GenerateQuery)
         self.query2 = dspy.Predict(GenerateFollowupQuery)
@@ -140,8 +160,11 @@ class MultiHopQA(dspy.Module):
         paragraphs = _paragraphs(context, self.max_passage_words)
         query1 = (self.query1(question=question).query or "").strip() or question
         hop1 = retrieve(paragraphs, query1, self.k)
-        query2 = (self.query2(question=question, passages=format_passages(hop1)).query or "").strip() or question
-        hop2 = retrieve(paragraphs, query2, self.k, exclude=[t for t, _ in hop1])
+        query2: str | None = None
+        hop2: list[Passage] = []
+        if self.hops >= 2:
+            query2 = (self.query2(question=question, passages=format_passages(hop1)).query or "").strip() or question
+            hop2 = retrieve(paragraphs, query2, self.k, exclude=[t for t, _ in hop1])
         passages = format_passages(hop1 + hop2)
         answer = self.answer(question=question, passages=passages).answer
         return dspy.Prediction(
@@ -235,6 +258,7 @@ class HotpotQATask(BaseTask):
 
     Args:
         k: Passages retrieved per hop.
+        hops: Retrieval hops of the program, 1 or 2.
         max_passage_words: Paragraphs are cut to this many words (prompt size).
         data_dir: Folder holding ``hotpotqa/{train,dev}.jsonl`` (default: see ``data_dir()``).
     """
@@ -242,9 +266,17 @@ class HotpotQATask(BaseTask):
     name = "hotpotqa"
     metric_name = "F1"
 
-    def __init__(self, *, k: int = 2, max_passage_words: int | None = 120, data_dir: str | Path | None = None):
-        _check_settings(k, max_passage_words)
+    def __init__(
+        self,
+        *,
+        k: int = 2,
+        hops: int = 2,
+        max_passage_words: int | None = 120,
+        data_dir: str | Path | None = None,
+    ):
+        _check_settings(k, max_passage_words, hops)
         self.k = k
+        self.hops = hops
         self.max_passage_words = max_passage_words
         self.data_dir = data_dir
 
@@ -272,7 +304,7 @@ class HotpotQATask(BaseTask):
 
     def program(self) -> dspy.Module:
         """A fresh :class:`MultiHopQA`."""
-        return MultiHopQA(k=self.k, max_passage_words=self.max_passage_words)
+        return MultiHopQA(k=self.k, hops=self.hops, max_passage_words=self.max_passage_words)
 
     def single_stage_program(self) -> dspy.Module:
         """The single-stage baseline :class:`SingleStageQA`: one ``answer`` stage over all paragraphs."""
