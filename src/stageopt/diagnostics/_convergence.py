@@ -174,7 +174,8 @@ def best_so_far(history: Iterable[TrialRecord | Mapping[str, Any]], *, fidelity:
     """The best validation score so far after each trial, in trial order.
 
     A trial counts toward the best when it was scored on the full validation set and is not a
-    variant, as in :attr:`~stageopt.strategies.RunState.best`; ties keep the earliest trial.
+    variant and met the run's limits, as in :attr:`~stageopt.strategies.RunState.best`; ties keep
+    the earliest trial.
     Every trial after the first counted one gives a point (trials that do not count, such as
     probes or multi-fidelity rungs, spend calls while the best stays), so the curve can be drawn
     against ``lm_calls`` or ``wall_s``. Trials before the first counted one have no point.
@@ -189,7 +190,8 @@ def best_so_far(history: Iterable[TrialRecord | Mapping[str, Any]], *, fidelity:
     best: tuple[float, int] | None = None
     for record in records:
         counted = int(record["fidelity"]) == full and record.get("variant") is None
-        if counted and (best is None or float(record["score"]) > best[0]):
+        feasible = record.get("feasible", True)  # a trial that broke the run's limits is never the best
+        if counted and feasible and (best is None or float(record["score"]) > best[0]):
             best = (float(record["score"]), int(record["trial"]))
         if best is None:
             continue

@@ -186,7 +186,8 @@ def _run_section(run: RunData, index: int, metric: str) -> RunSection:
     order = [c.name for c in changes]
     tables, hints = _diagnosis_tables(run, index)
     diagnosis = run.diagnosis or {}
-    studies = [_study_section(s, index, j) for j, s in enumerate(run.studies, 1)]
+    pareto = run.result.notes.get("pareto") if isinstance(run.result.notes.get("pareto"), Mapping) else None
+    studies = [_study_section(s, index, j, pareto) for j, s in enumerate(run.studies, 1)]
     db = run.path / "optuna.db"
     return RunSection(
         run=run,
@@ -434,13 +435,16 @@ def _diagnosis_tables(run: RunData, index: int) -> tuple[list[Table], list[str]]
     return tables, hints
 
 
-def _study_section(study: StudyInfo, index: int, number: int) -> StudySection:
+def _study_section(study: StudyInfo, index: int, number: int, pareto: Mapping[str, Any] | None = None) -> StudySection:
     line = (
         f"Optuna study {study.name!r}: {study.n_complete} completed trials of {study.n_trials}, "
-        f"{len(study.directions)} objective(s) ({', '.join(study.directions)})"
+        f"{len(study.directions)} objective(s) ({', '.join(study.metric_names or study.directions)})"
     )
     if not study.multi_objective:
         return StudySection(study, line)
+    front = (pareto or {}).get("front") or {}
+    if len(front.get("objectives") or ()) == len(study.directions):
+        return StudySection(study, line, _plots.pareto_png(study), _front_table(front, pareto or {}, index, number))
     rows = [[str(n), *(fmt(v) for v in study.values[n])] for n in study.pareto]
     table = Table(
         id=f"pareto-{index}-{number}",
@@ -449,3 +453,34 @@ def _study_section(study: StudyInfo, index: int, number: int) -> StudySection:
         rows=rows,
     )
     return StudySection(study, line, _plots.pareto_png(study), table)
+
+
+def _front_table(front: Mapping[str, Any], pareto: Mapping[str, Any], index: int, number: int) -> Table:
+    """The front a ``pareto`` run stored in result.json: each program, its objectives, its feasibility."""
+    objectives = list(front["objectives"])
+    directions = list(front.get("directions") or [])
+    rows = [
+        [
+            str(point["trial"]) + (" (returned)" if point["trial"] == pareto.get("picked") else ""),
+            "; ".join(f"{stage}: {_chosen(params)}" for stage, params in (point.get("program") or {}).items()),
+            *(_objective_cell(o, point["values"].get(o)) for o in objectives),
+            fmt(bool(point.get("feasible", True))),
+        ]
+        for point in front.get("points") or []
+    ]
+    return Table(
+        id=f"pareto-{index}-{number}",
+        caption=f"Pareto front: {len(rows)} programs (result.json)",
+        headers=["trial", "program", *(f"{o} ({d})" for o, d in zip(objectives, directions, strict=False)), "feasible"],
+        rows=rows,
+        note=f"Picked by the rule: {pareto.get('rule', 'best score')}"
+        + ("" if pareto.get("rule_met") is not False else " (no program met it: the nearest was returned)")
+        + ". Tokens and dollars are means per example; latency is the p95 of an example's seconds.",
+    )
+
+
+def _objective_cell(name: str, value: Any) -> str:
+    """Dollars per example are small: three significant digits; the rest as :func:`fmt`."""
+    if name == "cost" and isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.3g}"
+    return fmt(value)

@@ -36,6 +36,7 @@ class StudyInfo:
         n_trials: Trials in any state.
         values: Objective values of the completed trials, by trial number.
         pareto: Numbers of the trials on the Pareto front (multi-objective studies only).
+        metric_names: The objectives' names when the study has them (``study.set_metric_names``).
     """
 
     name: str
@@ -44,6 +45,7 @@ class StudyInfo:
     n_trials: int
     values: dict[int, tuple[float, ...]] = field(default_factory=dict)
     pareto: tuple[int, ...] = ()
+    metric_names: tuple[str, ...] = ()
 
     @property
     def multi_objective(self) -> bool:
@@ -210,4 +212,5 @@ def _study_info(study: Any) -> StudyInfo:
         n_trials=len(trials),
         values={t.number: tuple(float(v) for v in t.values) for t in complete},
         pareto=pareto,
+        metric_names=tuple(getattr(study, "metric_names", None) or ()),
     )

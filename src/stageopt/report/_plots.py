@@ -157,8 +157,9 @@ def pareto_png(study: StudyInfo) -> str | None:
         ax.scatter([v[0] for v in others], [v[1] for v in others], color="tab:gray", alpha=0.6, label="trials")
     if best:
         ax.plot([v[0] for v in best], [v[1] for v in best], "o-", color="tab:red", label="Pareto front")
-    ax.set_xlabel(f"objective 0 ({study.directions[0]})")
-    ax.set_ylabel(f"objective 1 ({study.directions[1]})")
+    names = study.metric_names or ("objective 0", "objective 1")
+    ax.set_xlabel(f"{names[0]} ({study.directions[0]})")
+    ax.set_ylabel(f"{names[1]} ({study.directions[1]})")
     extra = f", objectives 0 and 1 of {len(study.directions)}" if len(study.directions) > 2 else ""
     ax.set_title(f"Study {study.name}: {study.n_complete} trials{extra}")
     ax.grid(alpha=0.3)
