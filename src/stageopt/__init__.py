@@ -16,7 +16,7 @@ from stageopt._errors import (
 )
 from stageopt.evaluation import Budget, EvaluationReport, evaluate
 from stageopt.lm import LocalLM, SmallLMAdapter, resolve_lm
-from stageopt.strategies import CoordinateDescent, OptimizationResult, get_strategy
+from stageopt.strategies import CoordinateDescent, Limits, OptimizationResult, Pareto, ParetoRule, get_strategy
 from stageopt.tasks import get_task
 
 __all__ = [
@@ -28,9 +28,12 @@ __all__ = [
     "DataError",
     "EvaluationError",
     "EvaluationReport",
+    "Limits",
     "LocalLM",
     "ModelNotAvailableError",
     "OptimizationResult",
+    "Pareto",
+    "ParetoRule",
     "SmallLMAdapter",
     "StageoptError",
     "evaluate",

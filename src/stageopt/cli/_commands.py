@@ -8,13 +8,16 @@ import inspect
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import dspy
 
 from stageopt._errors import ConfigurationError
-from stageopt.evaluation import Budget, EvaluationReport, evaluate
+from stageopt.cli._limits import limit_options, outcome_lines, resolve_strategy
+from stageopt.cli._routing import build_models, load_program, save_program, search_settings
+from stageopt.evaluation import Budget, EvaluationReport, evaluate, parse_price
 from stageopt.lm import default_adapter, resolve_lm
 from stageopt.strategies import BaseStageOptimizer, OptimizationResult, get_strategy
 from stageopt.tasks import BaseTask, get_task
@@ -33,6 +36,18 @@ def _setup(args: argparse.Namespace) -> tuple[BaseTask, dspy.BaseLM, dspy.Adapte
         cache=not args.no_cache,
     )
     return task, lm, default_adapter(args.adapter)
+
+
+def _resolver(args: argparse.Namespace) -> Callable[[str], dspy.BaseLM]:
+    """Builds further LMs by name (``--models``, a routed program) with the run's LM options."""
+    return lambda name: resolve_lm(
+        name,
+        api_base=args.api_base,
+        api_key=args.api_key,
+        model_type=args.model_type,
+        seed=args.seed,
+        cache=not args.no_cache,
+    )
 
 
 def _evaluate(
@@ -119,10 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         path = Path(args.program)
         if not path.is_file():
             raise ConfigurationError(f"--program {path} does not exist; give a program.json from `stageopt optimize`")
-        try:
-            program.load(str(path))
-        except Exception as exc:
-            raise ConfigurationError(f"cannot load --program {path}: {exc}") from exc
+        load_program(program, path, lm_name=args.lm, lm=lm, resolve=_resolver(args))
     report = _evaluate(task, program, examples, lm, adapter, args, desc=f"{args.task} {args.split}")
     print(summary_line(report))
     print(stage_table(report))
@@ -162,7 +174,7 @@ def _run_optimizer(
     assert optimizer.result is not None
     result = dataclasses.replace(optimizer.result, task=task.name)
     out.mkdir(parents=True, exist_ok=True)
-    program.save(str(out / "program.json"))
+    save_program(program, out / "program.json", extra.get("models") or {})
     (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     return program, result
 
@@ -213,6 +225,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.resume and not has_run and args.storage is None:
         raise ConfigurationError(f"--resume: no run found in {out} (no optuna.db); drop --resume to start one")
     budget = Budget(lm_calls=args.budget_calls, tokens=args.budget_tokens, wall_s=args.budget_seconds)
+    args.strategy = resolve_strategy(args)  # --objectives selects pareto
     task, lm, adapter = _setup(args)
     trainset = task.load("train", n=args.n_train)
     options = list(getattr(args, "option", None) or [])
@@ -221,14 +234,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             raise ConfigurationError("give --allocate or --option allocate=..., not both")
         options.append(f"allocate={args.allocate}")
     extra = strategy_options(args.strategy, options)
+    if getattr(args, "warm_start", None):
+        extra["warm_start"] = args.warm_start
+    settings, names = search_settings(args, args.strategy)
+    if settings:
+        extra["settings"] = settings
+    if names:
+        extra["models"] = build_models(names, lm_name=args.lm, lm=lm, resolve=_resolver(args))
+    prices = dict(parse_price(text) for text in getattr(args, "price", None) or [])
+    extra.update(limit_options(args, args.strategy, prices))  # limits (with the prices), objectives
     if args.strategy == "coordinate":
         extra = {"max_rounds": args.max_rounds, "trials_per_stage": args.trials_per_stage, **extra}
     _, result = _run_optimizer(task, lm, adapter, trainset, out, args, budget, args.strategy, extra)
-    print(
-        f"{result.strategy}: {result.status} ({result.stop_reason}); validation score "
-        f"{result.baseline['score']:.3f} -> {result.best['score']:.3f}; "
-        f"{result.usage['lm_calls']} LM calls, {result.usage['wall_s']:.0f} s"
-    )
+    print("\n".join(outcome_lines(result)))
     print(f"run directory: {out} (result.json, program.json, optuna.db)")
     return 0
 

@@ -11,7 +11,9 @@ from stageopt._errors import StageoptError, find_cause
 from stageopt.cli._bench import add_testbed_arguments
 from stageopt.cli._compare import add_compare_arguments
 from stageopt.cli._diagnose import add_diagnose_arguments
+from stageopt.cli._limits import add_limit_arguments
 from stageopt.cli._report import add_report_arguments
+from stageopt.cli._routing import add_routing_arguments
 
 #: The names in ``stageopt.strategies.STRATEGIES``, listed here so that building the parser does
 #: not import DSPy (a test keeps the two in step).
@@ -24,6 +26,8 @@ STRATEGY_NAMES = (
     "evolutionary",
     "random",
     "grid",
+    "pbt",
+    "pareto",
 )
 
 logger = logging.getLogger("stageopt")
@@ -61,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(opt)
     opt.add_argument(
         "--strategy",
-        default="coordinate",
-        help=f"search strategy, one of: {', '.join(STRATEGY_NAMES)} (default: coordinate)",
+        default=None,
+        help=f"search strategy, one of: {', '.join(STRATEGY_NAMES)} (default: coordinate; pareto with --objectives)",
     )
     opt.add_argument(
         "--option",
@@ -91,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
     opt.add_argument("--resume", action="store_true", help="continue the run in --out")
+    opt.add_argument(
+        "--warm-start",
+        default=None,
+        metavar="RUN_DIR_OR_STORAGE_URL[::STUDY]",
+        help="seed the search with the 3 best configurations of an earlier run (a run directory, an optuna.db "
+        "or a storage URL; ::STUDY names its study), matched by stage name and signature",
+    )
+    opt.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="MODEL=IN/OUT",
+        help="dollars per million prompt/completion tokens of a model (repeatable), e.g. gpt-4o-mini=0.15/0.60; "
+        "embedded models cost 0",
+    )
+    add_routing_arguments(opt)
+    add_limit_arguments(opt)
 
     demo = sub.add_parser("demo", help="before/after optimization on the embedded default model")
     _common(demo)

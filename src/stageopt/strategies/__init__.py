@@ -2,6 +2,7 @@
 
 from stageopt.strategies._allocation import BlameAllocation
 from stageopt.strategies._base import BaseStageOptimizer, check_metric
+from stageopt.strategies._constraints import Limits, TrialMeasures, measure
 from stageopt.strategies._coordinate import CoordinateDescent
 from stageopt.strategies._evolutionary import Evolutionary
 from stageopt.strategies._grid import GridSearch
@@ -9,10 +10,14 @@ from stageopt.strategies._hierarchical import HierarchicalBayesian
 from stageopt.strategies._independent import IndependentStages
 from stageopt.strategies._joint import JointBayesian
 from stageopt.strategies._multifidelity import SuccessiveHalving
+from stageopt.strategies._pareto import Pareto, ParetoFront, ParetoPoint, ParetoRule, hypervolume, pick
+from stageopt.strategies._pbt import PopulationBasedTraining
 from stageopt.strategies._random import RandomSearch
 from stageopt.strategies._result import SCHEMA_VERSION, OptimizationResult, TrialRecord
 from stageopt.strategies._space import SearchSpace, StageCandidates, config_key
 from stageopt.strategies._state import RunState, ScoredConfig, StopSearch
+from stageopt.strategies._structure import STRUCTURE, StructuredProgram, StructureKnobs, StructureSpace
+from stageopt.strategies._warmstart import WarmStart
 
 #: Every strategy by its CLI name (``--strategy NAME``).
 STRATEGIES: dict[str, type[BaseStageOptimizer]] = {
@@ -26,6 +31,8 @@ STRATEGIES: dict[str, type[BaseStageOptimizer]] = {
         Evolutionary,
         RandomSearch,
         GridSearch,
+        PopulationBasedTraining,
+        Pareto,
     )
 }
 
@@ -43,6 +50,7 @@ def get_strategy(name: str) -> type[BaseStageOptimizer]:
 __all__ = [
     "SCHEMA_VERSION",
     "STRATEGIES",
+    "STRUCTURE",
     "BaseStageOptimizer",
     "BlameAllocation",
     "CoordinateDescent",
@@ -51,16 +59,30 @@ __all__ = [
     "HierarchicalBayesian",
     "IndependentStages",
     "JointBayesian",
+    "Limits",
     "OptimizationResult",
+    "Pareto",
+    "ParetoFront",
+    "ParetoPoint",
+    "ParetoRule",
+    "PopulationBasedTraining",
     "RandomSearch",
     "RunState",
     "ScoredConfig",
     "SearchSpace",
     "StageCandidates",
     "StopSearch",
+    "StructureKnobs",
+    "StructureSpace",
+    "StructuredProgram",
     "SuccessiveHalving",
+    "TrialMeasures",
     "TrialRecord",
+    "WarmStart",
     "check_metric",
     "config_key",
     "get_strategy",
+    "hypervolume",
+    "measure",
+    "pick",
 ]

@@ -15,14 +15,14 @@ import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 import optuna
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError
-from stageopt.evaluation import Budget, BudgetLedger, MeteredLM, Usage, evaluate
+from stageopt.evaluation import Budget, BudgetLedger, MeteredLM, ModelPrice, Usage, evaluate
 from stageopt.proposers import (
     BaseDemoProposer,
     BaseInstructionProposer,
@@ -30,13 +30,18 @@ from stageopt.proposers import (
     LMInstructionProposer,
     ProposalContext,
 )
+from stageopt.strategies._constraints import Limits, TrialMeasures, constraints_func
 from stageopt.strategies._result import OptimizationResult, TrialRecord
 from stageopt.strategies._space import SearchSpace, config_key, validate_models, validate_settings
 from stageopt.strategies._state import RunState, StopSearch
+from stageopt.strategies._warmstart import WarmStart, plan_warm_start, resolve_warm_start, run_warm_start
 
 logger = logging.getLogger(__name__)
 
 ExampleMetric = Callable[[dspy.Example, dspy.Prediction], float]
+
+#: An Optuna study direction.
+Direction = Literal["minimize", "maximize"]
 
 
 def check_metric(metric: Callable[..., float]) -> None:
@@ -87,6 +92,14 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             ``temperature``, ``n_demos``, ``module``, ``model`` (see :mod:`~stageopt.strategies._space`).
             Each stage's original setting is always choice 0. A resumed run keeps its stored choices.
         models: LMs by name for the ``model`` knob (its choices are these names); calls are metered.
+        limits: What the returned program may cost per example (tokens, dollars, p95 latency,
+            prompt size per stage; see :class:`~stageopt.strategies.Limits`). Trials that break
+            a limit are recorded as infeasible and never returned; a run where none is feasible
+            ends with status ``infeasible`` and returns the original program.
+        warm_start: Seed the search with the best configurations of an earlier run: a
+            :class:`~stageopt.strategies.WarmStart`, or ``"RUN_DIR_OR_STORAGE_URL[::STUDY]"``.
+            They are re-expressed in this run's pools (stages matched by name and signature)
+            and scored right after the baseline (see :mod:`~stageopt.strategies._warmstart`).
     """
 
     strategy_name = "base"
@@ -118,6 +131,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         progress: bool = False,
         settings: Mapping[str, Sequence[Any]] | None = None,
         models: Mapping[str, dspy.BaseLM] | None = None,
+        limits: Limits | None = None,
+        warm_start: WarmStart | str | Path | None = None,
     ) -> None:
         super().__init__()
         check_metric(metric)
@@ -149,6 +164,10 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         self.progress = progress
         self.models = validate_models(models)
         self.settings = validate_settings(settings, self.models)
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"`limits` must be a stageopt.strategies.Limits or None, got {limits!r}")
+        self.limits = limits
+        self.warm_start = resolve_warm_start(warm_start)
         self.result: OptimizationResult | None = None
 
     # ---- the one method strategies implement ----------------------------------------------
@@ -188,6 +207,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         space = self.load_or_propose(program, study, boot, lm, ledger)
         state = RunState(self, program, space, study, ledger, val, lm)
         self.restore(state)
+        plan_warm_start(state, self.warm_start)
         if self.progress:
             from tqdm.auto import tqdm
 
@@ -196,7 +216,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         status, reason = "completed", None
         try:
             if not state.trials_in(phase="baseline"):
-                state.run_trial(space.default_config(), phase="baseline")
+                state.run_trial(space.default_config(), phase="baseline", trial=self.baseline_trial(state))
+            run_warm_start(state)
             status, reason = self._search(state)
         except StopSearch as stop:
             status, reason = stop.status, stop.reason
@@ -213,6 +234,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         unknown = [s for s in self.stage_metrics if s not in names]
         if unknown:
             raise ConfigurationError(f"stage_metrics names unknown stage(s) {unknown}; the stages are {names}")
+        if self.limits is not None:
+            self.limits.check_stages(names)
 
     def split(
         self, trainset: list[dspy.Example], valset: list[dspy.Example] | None
@@ -236,10 +259,57 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         return boot, val
 
     def default_sampler(self) -> optuna.samplers.BaseSampler:
-        """The sampler used when none is given: multivariate TPE, seeded (strategies may override)."""
+        """The sampler used when none is given: multivariate TPE, seeded (strategies may override).
+
+        With limits it is constrained: it reads each trial's constraint values (see
+        :mod:`~stageopt.strategies._constraints`).
+        """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(multivariate=True, group=True, seed=self.seed, n_startup_trials=4)
+            return optuna.samplers.TPESampler(
+                multivariate=True,
+                group=True,
+                seed=self.seed,
+                n_startup_trials=4,
+                constraints_func=constraints_func(self.limits),
+            )
+
+    def directions(self) -> list[Direction]:
+        """The study's optimization directions: one ``"maximize"`` (the score) unless overridden."""
+        return ["maximize"]
+
+    def trial_values(self, record: TrialRecord) -> float | list[float]:
+        """What Optuna is told for ``record`` when the strategy gives no objective: its score."""
+        return record.score
+
+    def price_table(self) -> dict[str, ModelPrice]:
+        """Prices for measured costs: the limits' prices, under the names calls report.
+
+        A price given for a name of ``models`` also prices that LM's own model name.
+        """
+        prices = dict(self.limits.prices) if self.limits is not None else {}
+        for name, lm in self.models.items():
+            model = getattr(lm, "model", None)
+            if name in prices and isinstance(model, str):
+                prices.setdefault(model, prices[name])
+        return prices
+
+    def baseline_trial(self, state: RunState) -> optuna.trial.Trial | None:
+        """The Optuna trial the baseline is told as (None, the default: a new one without parameters).
+
+        Called once, before the baseline trial, when the study has none. A strategy whose
+        sampler needs every trial to carry the whole search space's parameters (NSGA-II infers
+        its search space from the intersection of the trials') returns a trial of the original
+        configuration's parameters.
+        """
+        return None
+
+    def select(self, state: RunState) -> TrialRecord | None:
+        """The trial whose configuration :meth:`compile` returns: the best feasible one.
+
+        Called once by :meth:`finish`; None: no trial is feasible (the original program is returned).
+        """
+        return state.best
 
     def open_study(self) -> optuna.Study:
         """Create or load the study (SQLite in ``run_dir`` by default)."""
@@ -254,7 +324,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             return optuna.create_study(
                 storage=storage,
                 study_name=self.study_name or self.strategy_name,
-                direction="maximize",
+                directions=self.directions(),
                 sampler=sampler,
                 load_if_exists=True,
             )
@@ -343,6 +413,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                     f"#{record.variant}" if record.variant else ""
                 )
                 state.scores[key] = (record.score, record.stage_metrics)
+                if record.objectives is not None:
+                    state.measures[key] = TrialMeasures.from_dict(record.objectives)
                 state.calls_per_example = attrs.get("calls_per_example", state.calls_per_example)
         if state.records:
             logger.info("resuming: %d finished trials found in the study", len(state.records))
@@ -351,8 +423,11 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         """Build :attr:`result` and return the best program found on validation."""
         state.checkpoint_usage()
         baseline = next(iter(state.trials_in(phase="baseline")), None)
-        best = state.best
+        best = self.select(state)
         best_config = best.params if best is not None else state.space.default_config()
+        if best is None and state.records and self.limits is not None and self.limits.active:
+            status, reason = "infeasible", self.infeasible_reason(state, status, reason)
+            logger.warning("%s", reason)
         self.result = OptimizationResult(
             strategy=self.strategy_name,
             seed=self.seed,
@@ -362,12 +437,16 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 "score": baseline.score if baseline else None,
                 "stage_metrics": baseline.stage_metrics if baseline else {},
                 "n": len(state.valset),
+                "objectives": baseline.objectives if baseline else None,
+                "feasible": baseline.feasible if baseline else None,
             },
             best={
                 "score": best.score if best else None,
                 "stage_metrics": best.stage_metrics if best else {},
                 "params": state.space.describe(best_config),
                 "trial": best.trial if best else None,
+                "objectives": best.objectives if best else None,
+                "feasible": best is not None,
             },
             history=[r.to_dict() for r in sorted(state.records, key=lambda r: r.trial)],
             status=status,
@@ -377,6 +456,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 for name, c in state.space.stages.items()
             },
             notes={
+                **({"limits": limits_note(state, self.limits)} if self.limits is not None else {}),
                 "proposals": state.study.user_attrs.get("proposal_notes", {}),
                 **{k: v for k, v in state.notes.items() if k != "stopping_checks"},
                 "stopping": self.stopping_note(state, status, reason),
@@ -384,6 +464,17 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         )
         # The returned program runs on the caller's LMs, not on this run's metered copies.
         return state.space.apply(state.program, best_config, models=self.models)
+
+    def infeasible_reason(self, state: RunState, status: str, reason: str | None) -> str:
+        """Why a run with limits found nothing to return: the limits, the nearest miss, how it ended."""
+        full = [r for r in state.records if r.fidelity == state.full_fidelity and r.variant is None]
+        nearest = min(full or state.records, key=lambda r: (len(r.violations), -r.score, r.trial))
+        return (
+            f"no configuration met the limits ({len(full)} scored on the full validation set); "
+            f"the nearest, trial {nearest.trial}, broke: {'; '.join(nearest.violations) or 'nothing measured'}. "
+            f"The search ended {status}" + (f" ({reason})" if reason else "") + ". The original program is returned: "
+            "relax the limits, or widen the search space (e.g. fewer demos, shorter instructions)"
+        )
 
     def stopping_note(self, state: RunState, status: str, reason: str | None) -> dict[str, Any]:
         """Where and why the run stopped: ``notes["stopping"]`` of the result.
@@ -403,6 +494,13 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         if "stopping_checks" in state.notes:
             note["checks"] = list(state.notes["stopping_checks"])
         return _jsonable(note)
+
+
+def limits_note(state: RunState, limits: Limits) -> dict[str, Any]:
+    """``notes["limits"]`` of a result: the limits and how many full-fidelity trials met them."""
+    full = [r for r in state.records if r.fidelity == state.full_fidelity and r.variant is None]
+    note = {**limits.to_dict(), "full_trials": len(full), "feasible_trials": sum(r.feasible for r in full)}
+    return dict(_jsonable(note))
 
 
 def _jsonable(value: Any) -> Any:

@@ -13,6 +13,7 @@ from stageopt.evaluation import MeteredLM
 from stageopt.proposers import MutationInstructionProposer
 from stageopt.strategies._base import BaseStageOptimizer, RunState, StopSearch
 from stageopt.strategies._space import Config, config_key
+from stageopt.strategies._warmstart import warm_configs
 
 #: Phase of every trial this strategy runs (``round`` is the generation, ``stage`` the mutated stage).
 PHASE = "evolutionary"
@@ -30,8 +31,9 @@ _PLAN_ATTR = "evolutionary.generation.{}"
 class Evolutionary(BaseStageOptimizer):
     """A genetic search over whole-program configurations (one gene per stage).
 
-    Generation 0 is the original program plus ``population_size - 1`` configurations drawn
-    uniformly (each knob of each stage uniform over its choices). Each later generation keeps
+    Generation 0 is the original program, the warm-start configurations (``warm_start=``, best
+    first), then configurations drawn uniformly (each knob of each stage uniform over its
+    choices) up to ``population_size``. Each later generation keeps
     the ``elite`` best members unchanged and breeds ``population_size - elite`` children: two
     parents are chosen by tournament (``tournament_size`` members drawn with replacement, the
     best wins; ties go to the earlier member), the child takes each stage's whole choice from
@@ -45,6 +47,9 @@ class Evolutionary(BaseStageOptimizer):
     the current one. A child equal to a configuration scored before or to another member of the
     generation is bred again (up to ``MAX_ATTEMPTS_PER_CHILD`` times); scored configurations
     are never scored again, and a member's score is its full-validation score.
+
+    With ``limits``, a member that broke a limit ranks after every feasible one in tournaments
+    and elitism, and progress (``patience``) is the best feasible score.
 
     Reproducibility and resume: every draw comes from a ``random.Random`` seeded by the seed and
     the generation. A generation's members (and the stage each child mutated) are stored in the
@@ -148,7 +153,8 @@ class Evolutionary(BaseStageOptimizer):
             # Only members without a score get a trial, so the generation's trials are its new configurations.
             new = state.trials_in(phase=PHASE, round=generation)
             population = [*elites, *(m["params"] for m in members)]
-            top = max(_score(state, c) for c in population)
+            # Progress is the best feasible score (with limits, infeasible members never count).
+            top = max((_score(state, c) for c in population if state.is_feasible(c)), default=0.0)
             if generation:
                 stale = stale + 1 if top - best < self.min_delta else 0
                 idle = 0 if new else idle + 1
@@ -181,10 +187,11 @@ class Evolutionary(BaseStageOptimizer):
         elites = _ranked(state, population)[: self.elite] if generation else []
         members: list[dict[str, Any]] = []
         taken = {config_key(c) for c in population}
-        if generation == 0:
-            default = state.space.default_config()
-            members.append({"params": default, "stage": None})
-            taken.add(config_key(default))
+        if generation == 0:  # the original program and the warm-start configurations first
+            for config in [state.space.default_config(), *warm_configs(state)]:
+                if config_key(config) not in taken and len(members) < self.population_size:
+                    members.append({"params": config, "stage": None})
+                    taken.add(config_key(config))
         wanted = self.population_size - (self.elite if generation else 0)
         while len(members) < wanted:
             for _ in range(MAX_ATTEMPTS_PER_CHILD):
@@ -201,9 +208,9 @@ class Evolutionary(BaseStageOptimizer):
 
     def _breed(self, state: RunState, rng: random.Random, population: list[Config]) -> tuple[Config, str | None]:
         """One child: tournament parents, stage-wise crossover, maybe one stage mutated."""
-        scores = [_score(state, c) for c in population]
-        mother = population[self._tournament(rng, scores)]
-        father = population[self._tournament(rng, scores)]
+        fitness = [_fitness(state, c) for c in population]
+        mother = population[self._tournament(rng, fitness)]
+        father = population[self._tournament(rng, fitness)]
         child = {s: dict((mother if rng.random() < 0.5 else father)[s]) for s in state.space.names()}
         if rng.random() >= self.mutation_rate:
             return child, None
@@ -217,9 +224,9 @@ class Evolutionary(BaseStageOptimizer):
         child[stage] = _draw(rng, state, stage, other_than=child[stage])
         return child, stage
 
-    def _tournament(self, rng: random.Random, scores: list[float]) -> int:
-        contenders = [rng.randrange(len(scores)) for _ in range(self.tournament_size)]
-        return min(contenders, key=lambda i: (-scores[i], i))
+    def _tournament(self, rng: random.Random, fitness: list[tuple[bool, float]]) -> int:
+        contenders = [rng.randrange(len(fitness)) for _ in range(self.tournament_size)]
+        return min(contenders, key=lambda i: (not fitness[i][0], -fitness[i][1], i))
 
     def _lm_mutation(self, state: RunState, config: Config, stage: str, seed: int) -> int | None:
         """Rewrite ``stage``'s instruction in ``config`` with the LM; its index in the grown pool, or None."""
@@ -266,9 +273,15 @@ def _score(state: RunState, config: Config) -> float:
     return state.scores[f"{config_key(config)}@{state.full_fidelity}"][0]
 
 
+def _fitness(state: RunState, config: Config) -> tuple[bool, float]:
+    """``(feasible, score)`` of a configuration already scored: members that met the limits rank first."""
+    return state.is_feasible(config), _score(state, config)
+
+
 def _ranked(state: RunState, population: list[Config]) -> list[Config]:
-    """The population best first (ties: earlier member first)."""
-    order = sorted(range(len(population)), key=lambda i: (-_score(state, population[i]), i))
+    """The population best first: feasible before infeasible, then by score (ties: earlier member first)."""
+    fitness = [_fitness(state, c) for c in population]
+    order = sorted(range(len(population)), key=lambda i: (not fitness[i][0], -fitness[i][1], i))
     return [population[i] for i in order]
 
 

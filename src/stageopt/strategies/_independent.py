@@ -140,13 +140,15 @@ def stage_optimum(state: RunState, phase: str, stage: str, base: Config) -> Conf
 
     ``base`` itself (the stage at its original setting) is the incumbent and wins ties, then
     earlier trials win; a trial counts only when it was scored with the other stages as in
-    ``base`` (after a resume with a larger budget, upstream optima can have moved).
+    ``base`` (after a resume with a larger budget, upstream optima can have moved). With
+    limits, a feasible trial beats every infeasible one.
     """
     objective = stage_objective(state, stage)
     incumbent = _find(state, base)
-    best_config, best_value = base, objective(incumbent) if incumbent is not None else -math.inf
+    best_config = base
+    best_value = (incumbent.feasible, objective(incumbent)) if incumbent is not None else (False, -math.inf)
     for record in _stage_records(state, phase, stage, base):
-        value = objective(record)
+        value = (record.feasible, objective(record))
         if value > best_value:
             best_config, best_value = record.params, value
     return {s: dict(choice) for s, choice in best_config.items()}

@@ -9,7 +9,6 @@ import optuna
 
 from stageopt._errors import ConfigurationError
 from stageopt.strategies._base import BaseStageOptimizer, RunState, check_early_stopping
-from stageopt.strategies._space import config_from_params
 
 #: Sampled configurations per counted (not previously scored) trial before a loop gives up.
 MAX_ATTEMPTS_PER_TRIAL = 3
@@ -38,8 +37,6 @@ def sampler_loop(
     (a small space is exhausted), or when the budget cannot pay for a trial (:class:`StopSearch`).
     A configuration scored before is told again at no cost and does not count as a trial.
     """
-    distributions = state.space.all_distributions()
-    base = state.space.default_config()
     misses = 0
     while True:
         records = state.trials_in(phase=phase)
@@ -56,19 +53,20 @@ def sampler_loop(
                 )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            trial = state.study.ask(distributions)
-        record = state.run_trial(config_from_params(trial.params, base), phase=phase, trial=trial)
+            trial = state.study.ask()
+            config = state.space.suggest(trial)  # define-by-run: a stage's knobs only when it runs
+        record = state.run_trial(config, phase=phase, trial=trial)
         misses = misses + 1 if record.repeated else 0
         if misses >= MAX_ATTEMPTS_PER_TRIAL * 4:
             return "completed", f"the sampler proposed only configurations scored before {misses} times in a row"
 
 
 def _best_before(state: RunState, record: Any) -> float:
-    """Best full-fidelity score among trials before ``record``."""
+    """Best feasible full-fidelity score among trials before ``record``."""
     scores = [
         r.score
         for r in state.records
-        if r.trial < record.trial and r.fidelity == state.full_fidelity and r.variant is None
+        if r.trial < record.trial and r.fidelity == state.full_fidelity and r.variant is None and r.feasible
     ]
     return max(scores, default=0.0)
 

@@ -284,7 +284,8 @@ class SuccessiveHalving(BaseStageOptimizer):
         # Promotions: the best 1/eta of each rung, ranked on the same examples.
         r = first
         while r < last:
-            ranked = sorted(range(len(members)), key=lambda i: (-members[i].score, i))
+            # With limits, a configuration that broke one at this rung ranks after every feasible one.
+            ranked = sorted(range(len(members)), key=lambda i: (not members[i].feasible, -members[i].score, i))
             keep = max(1, len(members) // self.eta)
             survivors = [members[i].params for i in ranked[:keep]]
             r = last if keep == 1 else r + 1
@@ -329,12 +330,13 @@ class SuccessiveHalving(BaseStageOptimizer):
 
 
 def _best_score(state: RunState, bracket: int) -> float:
-    """Best full-validation score of the baseline and brackets before ``bracket``."""
+    """Best feasible full-validation score of the baseline and brackets before ``bracket``."""
     scores = [
         r.score
         for r in state.records
         if r.fidelity == state.full_fidelity
         and r.variant is None
+        and r.feasible
         and (r.phase != PHASE or (r.round is not None and r.round < bracket))
     ]
     return max(scores, default=0.0)

@@ -9,8 +9,8 @@ from stageopt._errors import ConfigurationError
 
 SCHEMA_VERSION = 1
 
-#: Why a run stopped.
-STATUSES = ("completed", "budget_exhausted", "early_stopped")
+#: Why a run stopped; ``infeasible``: no configuration met the run's limits.
+STATUSES = ("completed", "budget_exhausted", "early_stopped", "infeasible")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ class TrialRecord:
         wall_s: Seconds of the run so far, after this trial.
         repeated: True when the configuration had been scored before (no calls were spent).
         variant: The cheaper way it was run (e.g. a multi-fidelity rung's caps), None: as is.
+        objectives: What the evaluation cost per example (``tokens``, ``cost``, ``latency``,
+            ``prompt_tokens`` by stage, ``n``: see :class:`~stageopt.strategies.TrialMeasures`);
+            None in results written before it was measured.
+        feasible: Whether the configuration met the run's limits (True when there are none).
+        violations: The limits it broke, one readable line each.
     """
 
     trial: int
@@ -46,6 +51,9 @@ class TrialRecord:
     wall_s: float
     repeated: bool = False
     variant: str | None = None
+    objectives: dict[str, Any] | None = None
+    feasible: bool = True
+    violations: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record."""
@@ -81,7 +89,7 @@ class OptimizationResult:
     @property
     def improvement(self) -> float:
         """Best minus baseline validation score."""
-        return float(self.best.get("score", 0.0)) - float(self.baseline.get("score", 0.0))
+        return float(self.best.get("score") or 0.0) - float(self.baseline.get("score") or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready result (``schema_version`` first)."""

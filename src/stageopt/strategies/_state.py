@@ -17,6 +17,7 @@ import optuna
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError
 from stageopt.evaluation import BudgetLedger, evaluate
+from stageopt.strategies._constraints import TrialMeasures, measure, set_constraints
 from stageopt.strategies._result import TrialRecord
 from stageopt.strategies._space import Config, SearchSpace, config_key
 
@@ -41,7 +42,8 @@ class RunState:
 
     A strategy may put JSON-ready entries in :attr:`notes`; they end up in the result's
     ``notes`` (``notes["stopping_checks"]``: a list of the early-stopping checks it made, which
-    goes into ``notes["stopping"]["checks"]``).
+    goes into ``notes["stopping"]["checks"]``). :attr:`measures` holds what each scored
+    configuration cost per example, under the keys of :attr:`scores`.
     """
 
     optimizer: BaseStageOptimizer
@@ -53,6 +55,7 @@ class RunState:
     lm: dspy.BaseLM
     records: list[TrialRecord] = field(default_factory=list)
     scores: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
+    measures: dict[str, TrialMeasures] = field(default_factory=dict)
     calls_per_example: float = 0.0
     bar: Any = None
     notes: dict[str, Any] = field(default_factory=dict)
@@ -64,14 +67,15 @@ class RunState:
 
     @property
     def best(self) -> TrialRecord | None:
-        """The best full-fidelity trial so far (earliest among ties).
+        """The best feasible full-fidelity trial so far (earliest among ties).
 
         Trials scored on a subset of the validation set or as a cheaper variant (multi-fidelity
-        rungs) never count: the returned program is the best on the whole validation set.
+        rungs) never count: the returned program is the best on the whole validation set. Nor
+        do trials that broke the run's limits (``feasible=False``); None when no trial counts.
         """
         best: TrialRecord | None = None
         for record in self.records:
-            if record.fidelity != self.full_fidelity or record.variant is not None:
+            if record.fidelity != self.full_fidelity or record.variant is not None or not record.feasible:
                 continue
             if best is None or record.score > best.score:
                 best = record
@@ -81,6 +85,18 @@ class RunState:
         """Whether ``config`` was already scored on ``examples`` (default: the validation set)."""
         n = len(examples) if examples is not None else self.full_fidelity
         return f"{config_key(config)}@{n}" in self.scores
+
+    def is_feasible(self, config: Config, examples: Sequence[dspy.Example] | None = None) -> bool:
+        """Whether ``config``, scored on ``examples`` (default: the validation set), met the limits.
+
+        True when the run has no limits or the configuration was not measured.
+        """
+        n = len(examples) if examples is not None else self.full_fidelity
+        measures = self.measures.get(f"{config_key(config)}@{n}")
+        limits = self.optimizer.limits
+        if measures is None or limits is None or not limits.active:
+            return True
+        return not limits.violations(measures, self.space.names())
 
     def best_config(self) -> Config:
         """The best configuration so far, or the original program's."""
@@ -178,7 +194,15 @@ class RunState:
         key = f"{config_key(config)}@{len(examples)}" + (f"#{variant}" if variant else "")
         if key in self.scores:
             score, stage_metrics = self.scores[key]
-            return ScoredConfig(config, len(examples), score, stage_metrics, repeated=True, variant=variant)
+            return ScoredConfig(
+                config,
+                len(examples),
+                score,
+                stage_metrics,
+                repeated=True,
+                variant=variant,
+                measures=self.measures.get(key),
+            )
         if check_budget:
             reason = self.ledger.exhausted_reason(calls_needed=self.calls_needed(len(examples)))
             if reason is not None:
@@ -203,10 +227,20 @@ class RunState:
             )
         except BudgetExhaustedError as exc:
             raise StopSearch("budget_exhausted", str(exc)) from exc
+        measures = measure(report.examples, opt.price_table())
         self.scores[key] = (report.score, report.stage_metrics)
+        self.measures[key] = measures
         if not self.calls_per_example and report.n:
             self.calls_per_example = report.usage.lm_calls / report.n
-        return ScoredConfig(config, len(examples), report.score, report.stage_metrics, repeated=False, variant=variant)
+        return ScoredConfig(
+            config,
+            len(examples),
+            report.score,
+            report.stage_metrics,
+            repeated=False,
+            variant=variant,
+            measures=measures,
+        )
 
     def calls_needed(self, n_examples: int) -> int:
         """Logical LM calls an evaluation on ``n_examples`` is expected to need (at least 1)."""
@@ -225,7 +259,12 @@ class RunState:
         """Tell ``trial`` the result of :meth:`evaluate_config` and add it to :attr:`records`.
 
         Call from the thread that drives the study, in a deterministic order. The record's
-        ``lm_calls``/``tokens``/``wall_s`` are the run's usage at this moment.
+        ``lm_calls``/``tokens``/``wall_s`` are the run's usage at this moment; its
+        ``objectives`` are what the evaluation cost per example, checked against the
+        optimizer's limits (``feasible``, ``violations``; the constraint values go to Optuna).
+        The value told is ``objective(record)``, else the optimizer's
+        :meth:`~stageopt.strategies.BaseStageOptimizer.trial_values` (the score, or one value
+        per objective for a multi-objective study).
 
         Args:
             trial: The Optuna trial ``scored`` was asked for.
@@ -233,6 +272,12 @@ class RunState:
             phase, stage, round, objective: As for :meth:`run_trial`.
         """
         usage = self.ledger.usage()
+        limits, measures = self.optimizer.limits, scored.measures
+        violations: list[str] = []
+        constraints: dict[str, float] | None = None
+        if limits is not None and limits.active and measures is not None:
+            violations = limits.violations(measures, self.space.names())
+            constraints = limits.constraints(measures, self.space.names())
         record = TrialRecord(
             trial=trial.number,
             phase=phase,
@@ -247,22 +292,31 @@ class RunState:
             wall_s=round_s(usage.wall_s),
             repeated=scored.repeated,
             variant=scored.variant,
+            objectives=measures.to_dict() if measures is not None else None,
+            feasible=not violations,
+            violations=violations,
         )
         for name, value in record.to_dict().items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("usage", usage.to_dict())
         trial.set_user_attr("calls_per_example", self.calls_per_example)
-        self.study.tell(trial, objective(record) if objective is not None else record.score)
+        if constraints is not None:
+            set_constraints(trial, constraints)
+        self.study.tell(trial, objective(record) if objective is not None else self.optimizer.trial_values(record))
         self.records.append(record)
         if self.bar is not None:
+            best = self.best
             self.bar.n = min(usage.lm_calls, self.bar.total or usage.lm_calls)
-            self.bar.set_postfix(trial=record.trial, score=f"{record.score:.3f}", best=f"{self.best.score:.3f}")  # type: ignore[union-attr]
+            self.bar.set_postfix(
+                trial=record.trial, score=f"{record.score:.3f}", best=f"{best.score:.3f}" if best else "none feasible"
+            )
         logger.info(
-            "trial %d (%s %s) score %.4f, %d calls so far",
+            "trial %d (%s %s) score %.4f%s, %d calls so far",
             record.trial,
             phase,
             stage or "",
             record.score,
+            "" if record.feasible else f" (infeasible: {'; '.join(record.violations)})",
             usage.lm_calls,
         )
         return record
@@ -279,6 +333,8 @@ class ScoredConfig:
         stage_metrics: Task-defined stage metric means.
         repeated: True when the score was known (no calls were spent).
         variant: The cheaper way it was run, None: as is.
+        measures: What the evaluation cost per example (None: not measured, e.g. a score
+            restored from a run that did not measure).
     """
 
     config: Config
@@ -287,6 +343,7 @@ class ScoredConfig:
     stage_metrics: dict[str, float]
     repeated: bool
     variant: str | None = None
+    measures: TrialMeasures | None = None
 
 
 def _check_variant(variant: str | None, transform: Callable[[dspy.Module], dspy.Module] | None) -> None:
