@@ -1,4 +1,4 @@
-"""The MBPP generate -> test -> refine program on the real embedded model (structure, not quality)."""
+"""The MBPP and HumanEval generate -> test -> refine programs on the real embedded model (structure, not quality)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import pytest
 
 from stageopt.evaluation import evaluate
 from stageopt.lm import LocalLM, SmallLMAdapter
+from stageopt.tasks._code import CodeTask
+from stageopt.tasks.humaneval import HumanEvalTask
 from stageopt.tasks.mbpp import MBPPTask
 
 pytestmark = pytest.mark.integration
 
 
-def test_mbpp_program_runs_on_two_dev_examples(gemma: LocalLM) -> None:
-    task = MBPPTask()
+@pytest.mark.parametrize("task", [MBPPTask(), HumanEvalTask()], ids=["mbpp", "humaneval"])
+def test_code_program_runs_on_two_dev_examples(gemma: LocalLM, task: CodeTask) -> None:
     report = evaluate(
         task.program(),
         task.load("dev", n=2),

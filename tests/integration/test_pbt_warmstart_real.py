@@ -16,14 +16,15 @@ import optuna
 import pytest
 
 from stageopt.lm import LocalLM, SmallLMAdapter
+from stageopt.proposers import LMInstructionProposer
 from stageopt.strategies import JointBayesian, PopulationBasedTraining, SearchSpace
 from stageopt.strategies._warmstart import WARM_PHASE
 from stageopt.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
-SOURCE_BUDGET = 60
-BUDGET = 90
+SOURCE_BUDGET = 26
+BUDGET = 40
 
 
 def _content(run_dir: Path, study_name: str, params: dict[str, dict[str, int]]) -> dict[str, tuple[str, int]]:
@@ -43,11 +44,13 @@ def test_pbt_warm_started_from_a_joint_run_on_hotpotqa(gemma: LocalLM, tmp_path:
         "lm": gemma,
         "adapter": SmallLMAdapter(),
         "stage_metrics": task.stage_metrics(),
-        "bootstrap_size": 2,
-        "val_size": 3,
+        "bootstrap_size": 1,
+        "val_size": 2,
+        # one proposed instruction per stage: proposals are the slowest calls on 2 cores
+        "instruction_proposer": LMInstructionProposer(num_candidates=1, max_attempts=1),
     }
     source_dir = tmp_path / "source"
-    source = JointBayesian(task.metric, budget=SOURCE_BUDGET, n_trials=3, seed=0, run_dir=source_dir, **common)
+    source = JointBayesian(task.metric, budget=SOURCE_BUDGET, n_trials=2, seed=0, run_dir=source_dir, **common)
     source.compile(task.program(), trainset=trainset)
     assert source.result is not None
     assert source.result.usage["lm_calls"] <= SOURCE_BUDGET
@@ -60,8 +63,8 @@ def test_pbt_warm_started_from_a_joint_run_on_hotpotqa(gemma: LocalLM, tmp_path:
     pbt = PopulationBasedTraining(
         task.metric,
         budget=BUDGET,
-        population_size=3,
-        fidelities=(0.34, 1.0),
+        population_size=2,
+        fidelities=(0.5, 1.0),
         seed=1,
         run_dir=target_dir,
         warm_start=str(source_dir),

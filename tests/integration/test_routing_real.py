@@ -50,7 +50,7 @@ def test_a_stage_routed_to_smollm_runs_on_smollm(gemma: LocalLM, smol: LocalLM) 
 
 def test_joint_search_over_models_and_structure(gemma: LocalLM, smol: LocalLM, tmp_path: Path) -> None:
     task = get_task("hotpotqa")
-    budget = 60
+    budget = 36
     optimizer = JointBayesian(
         task.metric,
         budget=budget,
@@ -60,7 +60,7 @@ def test_joint_search_over_models_and_structure(gemma: LocalLM, smol: LocalLM, t
         bootstrap_size=2,
         val_size=2,
         seed=0,
-        n_trials=4,
+        n_trials=3,
         run_dir=tmp_path,
         settings={"model": [SMOL], "structure": ["hops"]},
         models={SMOL: smol},
