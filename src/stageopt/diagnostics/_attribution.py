@@ -28,6 +28,7 @@ from typing import Any
 import dspy
 
 from stageopt._errors import ConfigurationError
+from stageopt.evaluation import mean_ci95
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +98,7 @@ def coalition_label(coalition: Iterable[str], stages: Sequence[str]) -> str:
 
 def mean_ci95_signed(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
     """Mean and normal-approximation 95 % interval of the mean, not clipped (differences may be negative)."""
-    if not values:
-        return 0.0, (0.0, 0.0)
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, (mean, mean)
-    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, (mean - half, mean + half)
+    return mean_ci95(values, clip=False)
 
 
 def shapley_exact(stages: Sequence[str], values: Mapping[Coalition, Sequence[float]]) -> dict[str, list[float]]:

@@ -119,15 +119,21 @@ class EvaluationReport:
         return data
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
-    """Mean and normal-approximation 95 % interval of the mean (degenerate for n < 2)."""
+def mean_ci95(values: Sequence[float], *, clip: bool = True) -> tuple[float, tuple[float, float]]:
+    """Mean and normal-approximation 95 % interval of the mean (degenerate for n < 2).
+
+    With ``clip`` the interval is kept within [0, 1] (scores); without, it is left as computed
+    (differences of scores may be negative).
+    """
     if not values:
         return 0.0, (0.0, 0.0)
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, (mean, mean)
     half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, (max(0.0, mean - half), min(1.0, mean + half))
+    if clip:
+        return mean, (max(0.0, mean - half), min(1.0, mean + half))
+    return mean, (mean - half, mean + half)
 
 
 def stage_names(program: dspy.Module) -> dict[int, str]:
