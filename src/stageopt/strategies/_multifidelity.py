@@ -196,10 +196,10 @@ class SuccessiveHalving(BaseStageOptimizer):
         bracket = 0
         while self.n_brackets is None or bracket < self.n_brackets:
             n, first = self._plan(state, bracket, rungs)
-            before = _best_score(state, bracket)
+            before = state.best_before_round(PHASE, bracket)
             self._run_bracket(state, bracket, rungs, first, n)
             evaluated = sum(not r.repeated for r in state.trials_in(phase=PHASE, round=bracket))
-            gain = _best_score(state, bracket + 1) - before
+            gain = state.best_before_round(PHASE, bracket + 1) - before
             idle = 0 if evaluated else idle + 1
             if idle >= MAX_IDLE_BRACKETS:
                 return "completed", f"{idle} brackets in a row found only configurations scored before"
@@ -327,19 +327,6 @@ class SuccessiveHalving(BaseStageOptimizer):
     @staticmethod
     def _rung_records(state: RunState, bracket: int, rung: Rung) -> list[TrialRecord]:
         return [r for r in state.trials_in(phase=PHASE, round=bracket) if r.fidelity == rung.size]
-
-
-def _best_score(state: RunState, bracket: int) -> float:
-    """Best feasible full-validation score of the baseline and brackets before ``bracket``."""
-    scores = [
-        r.score
-        for r in state.records
-        if r.fidelity == state.full_fidelity
-        and r.variant is None
-        and r.feasible
-        and (r.phase != PHASE or (r.round is not None and r.round < bracket))
-    ]
-    return max(scores, default=0.0)
 
 
 def _check_fidelities(fidelities: Sequence[float]) -> tuple[float, ...]:

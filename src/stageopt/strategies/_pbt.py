@@ -152,7 +152,7 @@ class PopulationBasedTraining(BaseStageOptimizer):
         round_no = 0
         while True:
             size = sizes[min(round_no, len(sizes) - 1)]
-            before = _best_before(state, round_no)
+            before = state.best_before_round(PHASE, round_no)
             members = self._plan(state, round_no, size, members, ranks)
             examples = state.valset[:size]
             for member in members:
@@ -165,7 +165,7 @@ class PopulationBasedTraining(BaseStageOptimizer):
             new = state.trials_in(phase=PHASE, round=round_no)
             idle = 0 if new else idle + 1
             if size == state.full_fidelity:
-                stale = stale + 1 if _best_before(state, round_no + 1) - before < self.min_delta else 0
+                stale = stale + 1 if state.best_before_round(PHASE, round_no + 1) - before < self.min_delta else 0
             if self.n_rounds is not None and round_no + 1 >= self.n_rounds:
                 return "completed", f"{self.n_rounds} rounds done"
             if self.patience is not None and stale >= self.patience:
@@ -277,19 +277,6 @@ def _explore(rng: random.Random, space: SearchSpace, config: Config) -> tuple[Co
     pick = rng.randrange(_sizes(space, unit)[knob] - 1)
     child[unit][knob] = pick + (pick >= current)
     return space.normalize(child), unit
-
-
-def _best_before(state: RunState, round_no: int) -> float:
-    """Best whole-validation score of the trials before round ``round_no`` (so a resumed round counts the same)."""
-    scores = [
-        r.score
-        for r in state.records
-        if r.fidelity == state.full_fidelity
-        and r.variant is None
-        and r.feasible
-        and (r.phase != PHASE or (r.round is not None and r.round < round_no))
-    ]
-    return max(scores, default=0.0)
 
 
 def _score(state: RunState, config: Config, size: int) -> float:

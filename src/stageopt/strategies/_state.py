@@ -112,6 +112,22 @@ class RunState:
         """
         self.study.set_user_attr("usage_latest", self.ledger.usage().to_dict())
 
+    def best_before_round(self, phase: str, round_no: int) -> float:
+        """Best feasible full-validation score of the trials outside ``phase`` and of its rounds before ``round_no``.
+
+        Strategies that run in rounds (brackets, generations) compare it across rounds for
+        patience; a resumed round counts the same as the first time it ran.
+        """
+        scores = [
+            r.score
+            for r in self.records
+            if r.fidelity == self.full_fidelity
+            and r.variant is None
+            and r.feasible
+            and (r.phase != phase or (r.round is not None and r.round < round_no))
+        ]
+        return max(scores, default=0.0)
+
     def trials_in(self, **attrs: Any) -> list[TrialRecord]:
         """Completed trials whose phase/stage/round equal ``attrs``."""
         return [r for r in self.records if all(getattr(r, k) == v for k, v in attrs.items())]
