@@ -388,7 +388,7 @@ def _diagnosis_tables(run: RunData, index: int) -> tuple[list[Table], list[str]]
                 for name, count in counts.items()
             ],
             note="A failed example counts at the first stage (program order) whose stage metric is below its "
-            "threshold; a failure where no measured stage failed counts at the last stage.",
+            "threshold; otherwise at the stage of its last LM call when the program raised, else at the last stage.",
         )
     )
     attribution = d.get("attribution")
