@@ -10,12 +10,12 @@ STAMP := $(VENV)/.stageopt-installed
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install demo test lint typecheck pytest browser clean
+.PHONY: install demo test lint typecheck pytest browser postgres clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[local,bench,dev]'
+	$(PY) -m pip install --quiet -e '.[local,bench,dev,distributed]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,7 +34,11 @@ typecheck: install
 browser:
 	sh scripts/ensure-chromium.sh
 
-pytest: install browser
+# PostgreSQL server binaries for tests/distributed (apt-get when root; else it says how and fails)
+postgres:
+	sh scripts/ensure-postgres.sh
+
+pytest: install browser postgres
 	$(PY) -m pytest -q -ra
 
 test: lint typecheck pytest

@@ -13,10 +13,18 @@ from stageopt._errors import (
     EvaluationError,
     ModelNotAvailableError,
     StageoptError,
+    StorageUnavailableError,
 )
 from stageopt.evaluation import Budget, EvaluationReport, evaluate
 from stageopt.lm import LocalLM, SmallLMAdapter, resolve_lm
-from stageopt.strategies import CoordinateDescent, Limits, OptimizationResult, Pareto, ParetoRule, get_strategy
+from stageopt.strategies import (
+    CoordinateDescent,
+    Limits,
+    OptimizationResult,
+    Pareto,
+    ParetoRule,
+    get_strategy,
+)
 from stageopt.tasks import get_task
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "ParetoRule",
     "SmallLMAdapter",
     "StageoptError",
+    "StorageUnavailableError",
     "evaluate",
     "get_strategy",
     "get_task",

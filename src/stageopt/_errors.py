@@ -34,6 +34,13 @@ class BudgetExhaustedError(StageoptError):
     """Raised inside a run when the budget cannot admit another LM call."""
 
 
+class StorageUnavailableError(StageoptError):
+    """A study storage (database server) cannot be reached or its driver is missing.
+
+    The message names the URL with its password masked, the driver's reason and what to do.
+    """
+
+
 def find_cause(exc: BaseException, *types: type[BaseException]) -> BaseException | None:
     """The first exception of one of ``types`` in ``exc``'s chain (``exc``, its cause or context, ...).
 

@@ -17,6 +17,8 @@ import dspy
 from stageopt._errors import ConfigurationError
 from stageopt.cli._limits import limit_options, outcome_lines, resolve_strategy
 from stageopt.cli._routing import build_models, load_program, save_program, search_settings
+from stageopt.cli._worker import worker_context
+from stageopt.distributed import is_shared_storage
 from stageopt.evaluation import Budget, EvaluationReport, evaluate, parse_price
 from stageopt.lm import default_adapter, resolve_lm
 from stageopt.strategies import BaseStageOptimizer, OptimizationResult, get_strategy
@@ -164,6 +166,7 @@ def _run_optimizer(
         seed=args.seed,
         run_dir=out,
         storage=getattr(args, "storage", None),
+        study_name=getattr(args, "study", None),
         val_size=args.val_size,
         bootstrap_size=args.bootstrap_size,
         num_threads=args.num_threads,
@@ -245,9 +248,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     extra.update(limit_options(args, args.strategy, prices))  # limits (with the prices), objectives
     if args.strategy == "coordinate":
         extra = {"max_rounds": args.max_rounds, "trials_per_stage": args.trials_per_stage, **extra}
+    if args.storage is not None and is_shared_storage(args.storage):
+        extra["worker_context"] = worker_context(args)  # how `stageopt worker` rebuilds the task and LMs
+    if args.parallel_trials != 1:
+        extra["parallel_trials"] = args.parallel_trials
     _, result = _run_optimizer(task, lm, adapter, trainset, out, args, budget, args.strategy, extra)
     print("\n".join(outcome_lines(result)))
-    print(f"run directory: {out} (result.json, program.json, optuna.db)")
+    where = "optuna.db" if args.storage is None else f"study {args.study or args.strategy!r} in --storage"
+    print(f"run directory: {out} (result.json, program.json, {where})")
     return 0
 
 

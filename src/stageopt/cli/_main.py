@@ -14,6 +14,7 @@ from stageopt.cli._diagnose import add_diagnose_arguments
 from stageopt.cli._limits import add_limit_arguments
 from stageopt.cli._report import add_report_arguments
 from stageopt.cli._routing import add_routing_arguments
+from stageopt.cli._worker import add_distributed_arguments, add_worker_arguments
 
 #: The names in ``stageopt.strategies.STRATEGIES``, listed here so that building the parser does
 #: not import DSPy (a test keeps the two in step).
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_routing_arguments(opt)
     add_limit_arguments(opt)
+    add_distributed_arguments(opt)
+
+    worker = sub.add_parser(
+        "worker", help="score trials of a run on a shared storage (PostgreSQL) until it is over; any number of them"
+    )
+    add_worker_arguments(worker)
 
     demo = sub.add_parser("demo", help="before/after optimization on the embedded default model")
     _common(demo)
@@ -184,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from stageopt.cli._report import cmd_report
 
             return cmd_report(args)
+        if args.command == "worker":
+            from stageopt.cli._worker import cmd_worker
+
+            return cmd_worker(args)
         from stageopt.cli import _commands
 
         if args.command == "eval":

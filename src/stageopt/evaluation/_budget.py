@@ -77,6 +77,9 @@ class BudgetLedger:
     spent so far, so they can be exceeded only by calls already in flight.
     """
 
+    #: Whether other processes spend from the same budget (then a usage difference is not one's own).
+    shared = False
+
     def __init__(self, budget: Budget | None = None, *, spent: Usage | None = None) -> None:
         self.budget = budget or Budget()
         self._lock = threading.Lock()

@@ -19,6 +19,7 @@ from stageopt._errors import (
     ConfigurationError,
     EvaluationError,
     ModelNotAvailableError,
+    StorageUnavailableError,
     find_cause,
 )
 from stageopt.evaluation._budget import BudgetLedger, Usage
@@ -143,7 +144,7 @@ def stage_names(program: dspy.Module) -> dict[int, str]:
 
 def _systemic(exc: BaseException) -> BaseException | None:
     """A stageopt error anywhere in the cause chain that must stop the run (not one example)."""
-    return find_cause(exc, BudgetExhaustedError, ModelNotAvailableError)
+    return find_cause(exc, BudgetExhaustedError, ModelNotAvailableError, StorageUnavailableError)
 
 
 def _root_message(exc: BaseException) -> str:
@@ -342,13 +343,23 @@ def _summarise(
             summary.metric = statistics.fmean(values) if values else 0.0
     extra = {k: statistics.fmean([r.extra.get(k, 0.0) for r in results]) if results else 0.0 for k in extra_metrics}
     after = ledger.usage()
-    usage = Usage(
-        lm_calls=after.lm_calls - before.lm_calls,
-        backend_calls=after.backend_calls - before.backend_calls,
-        prompt_tokens=after.prompt_tokens - before.prompt_tokens,
-        completion_tokens=after.completion_tokens - before.completion_tokens,
-        wall_s=after.wall_s - before.wall_s,
-    )
+    if ledger.shared:  # other processes spend from the same ledger: count this evaluation's own calls
+        own = [c for r in results for c in r.calls]
+        usage = Usage(
+            lm_calls=len(own),
+            backend_calls=sum(not c.cached for c in own),
+            prompt_tokens=sum(c.prompt_tokens for c in own),
+            completion_tokens=sum(c.completion_tokens for c in own),
+            wall_s=after.wall_s - before.wall_s,
+        )
+    else:
+        usage = Usage(
+            lm_calls=after.lm_calls - before.lm_calls,
+            backend_calls=after.backend_calls - before.backend_calls,
+            prompt_tokens=after.prompt_tokens - before.prompt_tokens,
+            completion_tokens=after.completion_tokens - before.completion_tokens,
+            wall_s=after.wall_s - before.wall_s,
+        )
     return EvaluationReport(
         score=score,
         ci95=ci,

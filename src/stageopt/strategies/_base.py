@@ -22,6 +22,7 @@ import optuna
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError
+from stageopt.distributed import SharedBudgetLedger, check_shared, is_shared_storage, mask_url, open_storage
 from stageopt.evaluation import Budget, BudgetLedger, MeteredLM, ModelPrice, Usage, evaluate
 from stageopt.proposers import (
     BaseDemoProposer,
@@ -100,6 +101,12 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             :class:`~stageopt.strategies.WarmStart`, or ``"RUN_DIR_OR_STORAGE_URL[::STUDY]"``.
             They are re-expressed in this run's pools (stages matched by name and signature)
             and scored right after the baseline (see :mod:`~stageopt.strategies._warmstart`).
+        parallel_trials: Trials a strategy may have scored at once. With a shared ``storage``
+            (a PostgreSQL URL), every evaluation becomes a job of the study's queue that
+            ``stageopt worker`` processes (and this one) take, and the budget is kept in the
+            database; above 1 it needs such a storage. See :mod:`stageopt.distributed`.
+        worker_context: JSON data stored with the study for the workers (the CLI stores how to
+            rebuild the task and LMs; API users rebuild them themselves).
     """
 
     strategy_name = "base"
@@ -133,6 +140,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         models: Mapping[str, dspy.BaseLM] | None = None,
         limits: Limits | None = None,
         warm_start: WarmStart | str | Path | None = None,
+        parallel_trials: int = 1,
+        worker_context: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_metric(metric)
@@ -168,6 +177,12 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             raise TypeError(f"`limits` must be a stageopt.strategies.Limits or None, got {limits!r}")
         self.limits = limits
         self.warm_start = resolve_warm_start(warm_start)
+        if isinstance(parallel_trials, bool) or not isinstance(parallel_trials, int) or parallel_trials < 1:
+            raise ConfigurationError(f"`parallel_trials` must be an int >= 1, got {parallel_trials=}")
+        if parallel_trials > 1:
+            check_shared(_storage_url(storage), what=f"parallel_trials={parallel_trials}")
+        self.parallel_trials = parallel_trials
+        self.worker_context = dict(worker_context or {})
         self.result: OptimizationResult | None = None
 
     # ---- the one method strategies implement ----------------------------------------------
@@ -202,10 +217,20 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             raise ConfigurationError("no LM: pass lm= to the optimizer or configure one with dspy.context")
         boot, val = self.split(trainset, valset)
         study = self.open_study()
-        ledger = BudgetLedger(self.budget, spent=self.stored_usage(study))
+        from stageopt.distributed._worker import HEARTBEAT_S
+
+        url = _storage_url(self.storage)
+        jobs_storage = open_storage(url, heartbeat_interval=HEARTBEAT_S) if url and is_shared_storage(url) else None
+        ledger: BudgetLedger
+        if jobs_storage is not None:
+            ledger = SharedBudgetLedger(jobs_storage, key=study.study_name, budget=self.budget)
+        else:
+            ledger = BudgetLedger(self.budget, spent=self.stored_usage(study))
         lm = MeteredLM(task_lm, ledger)
         space = self.load_or_propose(program, study, boot, lm, ledger)
         state = RunState(self, program, space, study, ledger, val, lm)
+        if jobs_storage is not None:
+            state.executor = self.open_queue(state, jobs_storage)
         self.restore(state)
         plan_warm_start(state, self.warm_start)
         if self.progress:
@@ -224,7 +249,24 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         finally:
             if state.bar is not None:
                 state.bar.close()
+            if state.executor is not None:
+                state.executor.queue.finish()
         return self.finish(state, status, reason)
+
+    def open_queue(self, state: RunState, storage: optuna.storages.BaseStorage) -> Any:
+        """The job queue of a study on a shared storage, with the spec workers rebuild from.
+
+        Called by :meth:`compile` after the candidates are proposed (or loaded): a worker
+        started earlier waits for the spec, then takes jobs.
+        """
+        from stageopt.distributed._queue import JobQueue
+        from stageopt.distributed._worker import DistributedExecutor, make_spec
+
+        queue = JobQueue(storage, state.study.study_name)
+        queue.set_spec(make_spec(state, self.worker_context))
+        url = mask_url(str(_storage_url(self.storage)))
+        logger.info("study %r on %s: evaluations go to its job queue %r", state.study.study_name, url, queue.name)
+        return DistributedExecutor(queue)
 
     def check_stages(self, program: dspy.Module) -> None:
         """Refuse stage metrics for stages the program does not have."""
@@ -272,6 +314,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 seed=self.seed,
                 n_startup_trials=4,
                 constraints_func=constraints_func(self.limits),
+                constant_liar=self.parallel_trials > 1,  # trials asked together differ
             )
 
     def directions(self) -> list[Direction]:
@@ -314,6 +357,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
     def open_study(self) -> optuna.Study:
         """Create or load the study (SQLite in ``run_dir`` by default)."""
         storage = self.storage
+        if isinstance(storage, str) and is_shared_storage(storage):
+            storage = open_storage(storage, heartbeat_interval=None)
         if storage is None and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             storage = f"sqlite:///{(self.run_dir / 'optuna.db').resolve()}"
@@ -460,6 +505,11 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 "proposals": state.study.user_attrs.get("proposal_notes", {}),
                 **{k: v for k, v in state.notes.items() if k != "stopping_checks"},
                 "stopping": self.stopping_note(state, status, reason),
+                **(
+                    {"distributed": {"parallel_trials": self.parallel_trials, **state.executor.queue.summary()}}
+                    if state.executor is not None
+                    else {}
+                ),
             },
         )
         # The returned program runs on the caller's LMs, not on this run's metered copies.
@@ -494,6 +544,14 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         if "stopping_checks" in state.notes:
             note["checks"] = list(state.notes["stopping_checks"])
         return _jsonable(note)
+
+
+def _storage_url(storage: str | optuna.storages.BaseStorage | None) -> str | None:
+    """The URL of a storage given as a URL or an ``RDBStorage`` (None for other storages)."""
+    if storage is None or isinstance(storage, str):
+        return storage
+    url = getattr(storage, "url", None)
+    return url if isinstance(url, str) else None
 
 
 def limits_note(state: RunState, limits: Limits) -> dict[str, Any]:

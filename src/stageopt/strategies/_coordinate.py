@@ -20,6 +20,7 @@ from stageopt.strategies._allocation import (
 )
 from stageopt.strategies._base import BaseStageOptimizer, RunState
 from stageopt.strategies._space import config_from_params, param_name
+from stageopt.strategies._state import TrialRequest
 
 #: Sampled configurations tried per counted (not previously scored) trial before a stage gives up.
 MAX_ATTEMPTS_PER_TRIAL = 3
@@ -132,11 +133,15 @@ class CoordinateDescent(BaseStageOptimizer):
                     base = state.best_config()
                     if round_no == 1 and not records and outcome is not None:
                         self._enqueue_probe_optimum(state, outcome, stage)
+                    # Candidates asked together (parallel_trials > 1) are scored at once by the workers.
+                    requests = []
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                        trial = state.study.ask(state.space.distributions(stage))
-                    config = config_from_params(trial.params, base)
-                    state.run_trial(config, phase="coordinate", stage=stage, round=round_no, trial=trial)
+                        for _ in range(max(1, min(self.parallel_trials, target - fresh))):
+                            trial = state.study.ask(state.space.distributions(stage))
+                            config = config_from_params(trial.params, base)
+                            requests.append(TrialRequest(config, "coordinate", stage, round_no, trial))
+                    state.run_trials(requests)
             after = state.best.score if state.best else 0.0
             gain = after - before
             stale = stale + 1 if gain < self.min_delta else 0

@@ -13,6 +13,7 @@ from stageopt.evaluation import MeteredLM
 from stageopt.proposers import MutationInstructionProposer
 from stageopt.strategies._base import BaseStageOptimizer, RunState, StopSearch
 from stageopt.strategies._space import Config, config_key
+from stageopt.strategies._state import TrialRequest
 from stageopt.strategies._warmstart import warm_configs
 
 #: Phase of every trial this strategy runs (``round`` is the generation, ``stage`` the mutated stage).
@@ -147,9 +148,13 @@ class Evolutionary(BaseStageOptimizer):
         generation = 0
         while True:
             elites, members = self._generation(state, generation, population)
-            for member in members:
-                if not state.recorded(member["params"]):
-                    state.run_trial(member["params"], phase=PHASE, stage=member["stage"], round=generation)
+            # A generation's new members are scored together (by the workers, on a shared storage).
+            state.run_trials(
+                [
+                    TrialRequest(m["params"], phase=PHASE, stage=m["stage"], round=generation)
+                    for m in _unscored(state, members)
+                ]
+            )
             # Only members without a score get a trial, so the generation's trials are its new configurations.
             new = state.trials_in(phase=PHASE, round=generation)
             population = [*elites, *(m["params"] for m in members)]
@@ -287,3 +292,15 @@ def _ranked(state: RunState, population: list[Config]) -> list[Config]:
 
 def _not_int(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _unscored(state: RunState, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Members whose configuration has no score yet, the first of each configuration only."""
+    seen: set[str] = set()
+    out = []
+    for member in members:
+        key = config_key(member["params"])
+        if not state.recorded(member["params"]) and key not in seen:
+            seen.add(key)
+            out.append(member)
+    return out

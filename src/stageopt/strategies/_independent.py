@@ -222,16 +222,13 @@ def _run_wave(state: RunState, plan: StagePlan, active: list[str], base: Config)
                 break
             fresh_keys.add(key)
         paid += 1
-    jobs: dict[str, Future[ScoredConfig]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, len(fresh_keys))) as pool:
-        for _, trial, config in asked[:paid]:
-            key = config_key(config)
-            if key in fresh_keys and key not in jobs:
-                run = contextvars.copy_context().run
-                jobs[key] = pool.submit(
-                    run, state.evaluate_config, config, desc=f"trial {trial.number}", check_budget=False
-                )
-        outcomes = {key: _outcome(job) for key, job in jobs.items()}
+    outcomes: dict[str, ScoredConfig | StopSearch]
+    if state.executor is not None:  # a shared storage: the workers score the wave
+        configs = {config_key(c): c for _, _, c in asked[:paid] if config_key(c) in fresh_keys}
+        scored = state.evaluate_many(list(configs.values()), check_budget=False)
+        outcomes = dict(zip(configs, scored, strict=True))
+    else:
+        outcomes = _run_threads(state, asked[:paid], fresh_keys)
     for stage, trial, config in asked[:paid]:
         outcome = outcomes.pop(config_key(config), None)
         if outcome is None:  # a configuration scored before, or earlier in this wave
@@ -249,6 +246,22 @@ def _run_wave(state: RunState, plan: StagePlan, active: list[str], base: Config)
         state.study.tell(trial, state=optuna.trial.TrialState.FAIL)
     if stop is not None:
         raise stop
+
+
+def _run_threads(
+    state: RunState, asked: list[tuple[str, optuna.trial.Trial, Config]], fresh_keys: set[str]
+) -> dict[str, ScoredConfig | StopSearch]:
+    """Evaluate the wave's new configurations in threads, one per configuration."""
+    jobs: dict[str, Future[ScoredConfig]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(fresh_keys))) as pool:
+        for _, trial, config in asked:
+            key = config_key(config)
+            if key in fresh_keys and key not in jobs:
+                run = contextvars.copy_context().run
+                jobs[key] = pool.submit(
+                    run, state.evaluate_config, config, desc=f"trial {trial.number}", check_budget=False
+                )
+        return {key: _outcome(job) for key, job in jobs.items()}
 
 
 def _outcome(job: Future[ScoredConfig]) -> ScoredConfig | StopSearch:

@@ -9,6 +9,7 @@ import optuna
 
 from stageopt._errors import ConfigurationError
 from stageopt.strategies._base import BaseStageOptimizer, RunState, check_early_stopping
+from stageopt.strategies._state import TrialRequest
 
 #: Sampled configurations per counted (not previously scored) trial before a loop gives up.
 MAX_ATTEMPTS_PER_TRIAL = 3
@@ -51,12 +52,19 @@ def sampler_loop(
                     f"{patience} {phase} trials in a row improved the best score by {best - before:.4f} "
                     f"< min_delta={min_delta}"
                 )
+        # Trials asked together (parallel_trials > 1, a shared storage) are scored at once by the workers.
+        k = state.optimizer.parallel_trials
+        if n_trials is not None:
+            k = min(k, n_trials - len(fresh))
+        requests = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            trial = state.study.ask()
-            config = state.space.suggest(trial)  # define-by-run: a stage's knobs only when it runs
-        record = state.run_trial(config, phase=phase, trial=trial)
-        misses = misses + 1 if record.repeated else 0
+            for _ in range(max(1, k)):
+                trial = state.study.ask()
+                config = state.space.suggest(trial)  # define-by-run: a stage's knobs only when it runs
+                requests.append(TrialRequest(config, phase=phase, trial=trial))
+        for record in state.run_trials(requests):
+            misses = misses + 1 if record.repeated else 0
         if misses >= MAX_ATTEMPTS_PER_TRIAL * 4:
             return "completed", f"the sampler proposed only configurations scored before {misses} times in a row"
 

@@ -16,7 +16,7 @@ import dspy
 import optuna
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError
-from stageopt.evaluation import BudgetLedger, evaluate
+from stageopt.evaluation import BudgetLedger, ModelPrice, evaluate
 from stageopt.strategies._constraints import TrialMeasures, measure, set_constraints
 from stageopt.strategies._result import TrialRecord
 from stageopt.strategies._space import Config, SearchSpace, config_key
@@ -43,7 +43,9 @@ class RunState:
     A strategy may put JSON-ready entries in :attr:`notes`; they end up in the result's
     ``notes`` (``notes["stopping_checks"]``: a list of the early-stopping checks it made, which
     goes into ``notes["stopping"]["checks"]``). :attr:`measures` holds what each scored
-    configuration cost per example, under the keys of :attr:`scores`.
+    configuration cost per example, under the keys of :attr:`scores`. :attr:`executor` is set
+    when the study is on a shared storage: evaluations then go through its job queue, where
+    ``stageopt worker`` processes take them (see :mod:`stageopt.distributed`).
     """
 
     optimizer: BaseStageOptimizer
@@ -59,6 +61,7 @@ class RunState:
     calls_per_example: float = 0.0
     bar: Any = None
     notes: dict[str, Any] = field(default_factory=dict)
+    executor: Any = None
 
     @property
     def full_fidelity(self) -> int:
@@ -219,44 +222,103 @@ class RunState:
                 variant=variant,
                 measures=self.measures.get(key),
             )
+        if self.executor is not None and transform is None:
+            outcome = self.evaluate_many([config], examples=examples, check_budget=check_budget)[0]
+            if isinstance(outcome, StopSearch):
+                raise outcome
+            return outcome
         if check_budget:
             reason = self.ledger.exhausted_reason(calls_needed=self.calls_needed(len(examples)))
             if reason is not None:
                 raise StopSearch("budget_exhausted", reason)
-        program = self.space.apply(self.program, config)
-        if transform is not None:
-            program = transform(program)
-        opt = self.optimizer
         try:
-            report = evaluate(
-                program,
-                examples,
-                opt.metric,
-                lm=self.lm,
-                adapter=opt.adapter,
-                stage_metrics=opt.stage_metrics,
-                ledger=self.ledger,
-                num_threads=opt.num_threads,
-                max_errors=opt.max_errors,
-                progress=opt.progress,
-                desc=desc,
-            )
+            scored = self.scorer().score(config, len(examples), transform=transform, desc=desc)
         except BudgetExhaustedError as exc:
             raise StopSearch("budget_exhausted", str(exc)) from exc
-        measures = measure(report.examples, opt.price_table())
-        self.scores[key] = (report.score, report.stage_metrics)
-        self.measures[key] = measures
-        if not self.calls_per_example and report.n:
-            self.calls_per_example = report.usage.lm_calls / report.n
+        return self.remember(key, config, scored, variant=variant)
+
+    def scorer(self) -> Scorer:
+        """How this run scores a configuration (the same in a ``stageopt worker``)."""
+        opt = self.optimizer
+        return Scorer(
+            program=self.program,
+            space=self.space,
+            valset=self.valset,
+            lm=self.lm,
+            ledger=self.ledger,
+            metric=opt.metric,
+            adapter=opt.adapter,
+            stage_metrics=opt.stage_metrics,
+            num_threads=opt.num_threads,
+            max_errors=opt.max_errors,
+            prices=opt.price_table(),
+            progress=opt.progress,
+        )
+
+    def remember(self, key: str, config: Config, scored: Scored, *, variant: str | None = None) -> ScoredConfig:
+        """Keep a fresh evaluation's score and measures under ``key``; the first one sets :attr:`calls_per_example`."""
+        self.scores[key] = (scored.score, scored.stage_metrics)
+        self.measures[key] = scored.measures
+        if not self.calls_per_example and scored.n:
+            self.calls_per_example = scored.lm_calls / scored.n
         return ScoredConfig(
             config,
-            len(examples),
-            report.score,
-            report.stage_metrics,
+            scored.n,
+            scored.score,
+            scored.stage_metrics,
             repeated=False,
             variant=variant,
-            measures=measures,
+            measures=scored.measures,
         )
+
+    def evaluate_many(
+        self,
+        configs: Sequence[Config],
+        *,
+        examples: Sequence[dspy.Example] | None = None,
+        check_budget: bool = True,
+    ) -> list[ScoredConfig | StopSearch]:
+        """Score several configurations at once; one outcome per configuration, in order.
+
+        With a :attr:`executor` (a study on a shared storage), the new configurations are handed
+        to ``stageopt worker`` processes together and this process works on them too; without
+        one they are scored here one after another. A configuration the budget cannot pay for
+        (counting the ones before it) gets a :class:`StopSearch` instead of a score, as does every
+        one after the budget ran out. Repeats (scored before, or earlier in ``configs``) are free.
+        """
+        examples = list(examples if examples is not None else self.valset)
+        if self.executor is None:
+            outcomes: list[ScoredConfig | StopSearch] = []
+            for config in configs:
+                try:
+                    outcomes.append(self.evaluate_config(config, examples=examples, check_budget=check_budget))
+                except StopSearch as stop:
+                    outcomes.append(stop)
+            return outcomes
+        return self.executor.evaluate_many(self, list(configs), len(examples), check_budget=check_budget)
+
+    def run_trials(self, requests: Sequence[TrialRequest]) -> list[TrialRecord]:
+        """Score several configurations at once (:meth:`evaluate_many`) and record them in order.
+
+        Each request's trial is asked now when it has none. Raises :class:`StopSearch` after
+        recording the ones that were scored when the budget could not pay for the others
+        (their trials fail).
+        """
+        asked = [(r, r.trial if r.trial is not None else self.study.ask()) for r in requests]
+        outcomes = self.evaluate_many([r.config for r, _ in asked])
+        records: list[TrialRecord] = []
+        stop: StopSearch | None = None
+        for (request, trial), outcome in zip(asked, outcomes, strict=True):
+            if isinstance(outcome, StopSearch):
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                stop = stop or outcome
+                continue
+            records.append(
+                self.record_trial(trial, outcome, phase=request.phase, stage=request.stage, round=request.round)
+            )
+        if stop is not None:
+            raise stop
+        return records
 
     def calls_needed(self, n_examples: int) -> int:
         """Logical LM calls an evaluation on ``n_examples`` is expected to need (at least 1)."""
@@ -370,3 +432,93 @@ def _check_variant(variant: str | None, transform: Callable[[dspy.Module], dspy.
 def round_s(seconds: float) -> float:
     """Seconds rounded to milliseconds."""
     return round(seconds, 3)
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """A configuration :meth:`RunState.run_trials` is to score and record as a trial.
+
+    Attributes:
+        config: The configuration.
+        phase, stage, round: Stored with the trial (as for :meth:`RunState.run_trial`).
+        trial: The Optuna trial to tell (None: a new one is asked).
+    """
+
+    config: Config
+    phase: str
+    stage: str | None = None
+    round: int | None = None
+    trial: optuna.trial.Trial | None = None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One evaluation of a configuration: its scores, its cost per example and the calls it made."""
+
+    score: float
+    stage_metrics: dict[str, float]
+    measures: TrialMeasures
+    lm_calls: int
+    n: int
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """What scoring a configuration needs, the same in a run and in a ``stageopt worker``.
+
+    Attributes:
+        program: The original program (configurations are applied to a copy).
+        space: The candidate pools configurations index into.
+        valset: Validation examples; an evaluation on ``n`` examples takes the first ``n``.
+        lm: The (metered) task LM; ``ledger`` is what it charges.
+        metric, adapter, stage_metrics, num_threads, max_errors, progress: As for
+            :func:`~stageopt.evaluation.evaluate`.
+        prices: Prices by model name for the measured cost per example.
+    """
+
+    program: dspy.Module
+    space: SearchSpace
+    valset: list[dspy.Example]
+    lm: dspy.BaseLM
+    ledger: BudgetLedger
+    metric: Callable[..., float]
+    adapter: dspy.Adapter | None
+    stage_metrics: dict[str, Callable[..., float]]
+    num_threads: int
+    max_errors: int | None
+    prices: dict[str, ModelPrice]
+    progress: bool = False
+
+    def score(
+        self,
+        config: Config,
+        n: int,
+        *,
+        transform: Callable[[dspy.Module], dspy.Module] | None = None,
+        desc: str = "trial",
+    ) -> Scored:
+        """Evaluate ``config`` on the first ``n`` validation examples.
+
+        Raises:
+            BudgetExhaustedError: when the budget ran out before or during the evaluation.
+            EvaluationError: when more examples failed than ``max_errors`` allows.
+        """
+        program = self.space.apply(self.program, config)
+        if transform is not None:
+            program = transform(program)
+        report = evaluate(
+            program,
+            self.valset[:n],
+            self.metric,
+            lm=self.lm,
+            adapter=self.adapter,
+            stage_metrics=self.stage_metrics,
+            ledger=self.ledger,
+            num_threads=self.num_threads,
+            max_errors=self.max_errors,
+            progress=self.progress,
+            desc=desc,
+        )
+        return Scored(
+            report.score, dict(report.stage_metrics), measure(report.examples, self.prices), report.usage.lm_calls, n
+        )

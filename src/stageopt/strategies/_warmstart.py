@@ -39,6 +39,7 @@ import dspy
 import optuna
 
 from stageopt._errors import ConfigurationError
+from stageopt.distributed._storage import resolve_storage_url
 from stageopt.strategies._space import (
     REASONING,
     STRUCTURE,
@@ -185,7 +186,7 @@ def read_source(warm: WarmStart) -> WarmSource:
     preferred: str | None = None
     run_dir: Path | None = None
     if "://" in warm.source:
-        storage = warm.source
+        storage = resolve_storage_url(warm.source)  # postgresql:// with the installed driver
     else:
         path = Path(warm.source)
         if path.is_dir():
