@@ -15,7 +15,7 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[local,bench,dev,distributed]'
+	$(PY) -m pip install --quiet -e '.[local,bench,dev,distributed,train]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -23,6 +23,7 @@ from stageopt.strategies import (
     OptimizationResult,
     Pareto,
     ParetoRule,
+    SoftPrompt,
     get_strategy,
 )
 from stageopt.tasks import get_task
@@ -43,6 +44,7 @@ __all__ = [
     "Pareto",
     "ParetoRule",
     "SmallLMAdapter",
+    "SoftPrompt",
     "StageoptError",
     "StorageUnavailableError",
     "evaluate",

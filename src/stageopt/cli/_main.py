@@ -31,6 +31,9 @@ STRATEGY_NAMES = (
     "pareto",
 )
 
+#: The names in ``stageopt.strategies.TRAINING_STRATEGIES`` (torch training; the ``train`` extra).
+TRAINING_STRATEGY_NAMES = ("softprompt",)
+
 logger = logging.getLogger("stageopt")
 
 
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--strategy",
         default=None,
-        help=f"search strategy, one of: {', '.join(STRATEGY_NAMES)} (default: coordinate; pareto with --objectives)",
+        help=f"search strategy, one of: {', '.join(STRATEGY_NAMES)} (default: coordinate; pareto with --objectives); "
+        f"or a training strategy (torch, the `train` extra): {', '.join(TRAINING_STRATEGY_NAMES)}",
     )
     opt.add_argument(
         "--option",

@@ -8,7 +8,9 @@ stage) and each stage's module type (plain or chain of thought).
 
 A routed program is saved with its stages' LMs replaced by their names (``program.json`` key
 :data:`ROUTING`), so ``stageopt eval --program`` rebuilds the LMs by name instead of importing
-LM classes from the file.
+LM classes from the file. Stages that run on a :class:`~stageopt.lm.TorchLM` with a learned soft
+prompt or adapter (``--strategy softprompt``) are saved the same way: their tensors go to a
+safetensors file beside ``program.json``, described under the key ``@torch``.
 """
 
 from __future__ import annotations
@@ -104,12 +106,15 @@ def search_settings(args: argparse.Namespace, strategy: str) -> tuple[dict[str, 
     return settings, names
 
 
-def routing_of(program: dspy.Module, models: Mapping[str, dspy.BaseLM]) -> dict[str, str]:
-    """``{stage: model name}`` of the stages whose LM is one of ``models`` (by identity)."""
+def routing_of(program: dspy.Module, models: Mapping[str, dspy.BaseLM], *, skip: Sequence[str] = ()) -> dict[str, str]:
+    """``{stage: model name}`` of the stages whose LM is one of ``models`` (by identity).
+
+    Stages in ``skip`` are saved otherwise (e.g. those on a TorchLM) and left out.
+    """
     by_id = {id(lm): name for name, lm in models.items()}
     out = {}
     for stage, predictor in program.named_predictors():
-        if predictor.lm is not None:
+        if predictor.lm is not None and stage not in skip:
             name = by_id.get(id(predictor.lm))
             if name is None:
                 raise ConfigurationError(
@@ -121,8 +126,14 @@ def routing_of(program: dspy.Module, models: Mapping[str, dspy.BaseLM]) -> dict[
 
 
 def save_program(program: dspy.Module, path: Path, models: Mapping[str, dspy.BaseLM]) -> None:
-    """Save ``program`` as DSPy does, its stages' LMs replaced by their names under :data:`ROUTING`."""
-    routing = routing_of(program, models)
+    """Save ``program`` as DSPy does, its stages' LMs replaced by their names under :data:`ROUTING`.
+
+    Stages on a TorchLM keep their learned tensors in a safetensors file beside ``path``.
+    """
+    from stageopt.lm._torch_io import PROGRAM_KEY, STATE_FILE, save_torch_stages, torch_stages
+
+    trained = torch_stages(program)
+    routing = routing_of(program, models, skip=list(trained))
     routed = [(p, p.lm) for _, p in program.named_predictors() if p.lm is not None]
     try:
         for predictor, _ in routed:
@@ -131,9 +142,12 @@ def save_program(program: dspy.Module, path: Path, models: Mapping[str, dspy.Bas
     finally:
         for predictor, lm in routed:
             predictor.lm = lm
-    if routing:
+    if routing or trained:
         state = json.loads(path.read_text())
-        state[ROUTING] = routing
+        if routing:
+            state[ROUTING] = routing
+        if trained:
+            state[PROGRAM_KEY] = save_torch_stages(trained, path.parent / STATE_FILE)
         path.write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -143,11 +157,16 @@ def load_program(program: dspy.Module, path: Path, *, lm_name: str, lm: dspy.Bas
     Raises:
         ConfigurationError: when the file cannot be read or names a stage the program lacks.
     """
+    from stageopt.lm._torch_io import PROGRAM_KEY, attach, load_torch_stages
+
     try:
-        routing = json.loads(path.read_text()).get(ROUTING) or {}
+        saved = json.loads(path.read_text())
+        routing = saved.get(ROUTING) or {}
         program.load(str(path))
     except Exception as exc:
         raise ConfigurationError(f"cannot load --program {path}: {exc}") from exc
+    if saved.get(PROGRAM_KEY):
+        attach(program, load_torch_stages(saved[PROGRAM_KEY], path.parent))
     stages = dict(program.named_predictors())
     unknown = [s for s in routing if s not in stages]
     if unknown:

@@ -4,6 +4,9 @@ from stageopt.lm._adapter import SmallLMAdapter, parse_completion
 from stageopt.lm._llamacpp import EngineStats, LlamaCppEngine, LocalLM, available_cores
 from stageopt.lm._registry import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel, embedded_model
 from stageopt.lm._resolve import default_adapter, resolve_lm
+from stageopt.lm._torch import LoraState, SoftPromptState, TorchModel, load_torch_model
+from stageopt.lm._torch_io import load_torch_stages, save_torch_stages, torch_stages
+from stageopt.lm._torch_lm import TorchEngine, TorchLM
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -12,10 +15,19 @@ __all__ = [
     "EngineStats",
     "LlamaCppEngine",
     "LocalLM",
+    "LoraState",
     "SmallLMAdapter",
+    "SoftPromptState",
+    "TorchEngine",
+    "TorchLM",
+    "TorchModel",
     "available_cores",
     "default_adapter",
     "embedded_model",
+    "load_torch_model",
+    "load_torch_stages",
     "parse_completion",
     "resolve_lm",
+    "save_torch_stages",
+    "torch_stages",
 ]

@@ -14,6 +14,7 @@ from stageopt.strategies._pareto import Pareto, ParetoFront, ParetoPoint, Pareto
 from stageopt.strategies._pbt import PopulationBasedTraining
 from stageopt.strategies._random import RandomSearch
 from stageopt.strategies._result import SCHEMA_VERSION, OptimizationResult, TrialRecord
+from stageopt.strategies._softprompt import SoftPrompt
 from stageopt.strategies._space import SearchSpace, StageCandidates, config_key
 from stageopt.strategies._state import RunState, ScoredConfig, StopSearch
 from stageopt.strategies._structure import STRUCTURE, StructuredProgram, StructureKnobs, StructureSpace
@@ -36,21 +37,28 @@ STRATEGIES: dict[str, type[BaseStageOptimizer]] = {
     )
 }
 
+#: Strategies that train continuous parameters with torch (``pip install 'stageopt[train]'``), by CLI
+#: name. Kept apart from :data:`STRATEGIES`: they search no instructions or demos, so the discrete
+#: strategies' contract (and ``compare``/``bench`` with ``all``) does not apply to them.
+TRAINING_STRATEGIES: dict[str, type[BaseStageOptimizer]] = {SoftPrompt.strategy_name: SoftPrompt}
+
 
 def get_strategy(name: str) -> type[BaseStageOptimizer]:
     """The optimizer class registered as ``name``; raises listing the known names."""
     from stageopt._errors import ConfigurationError
 
+    known = {**STRATEGIES, **TRAINING_STRATEGIES}
     try:
-        return STRATEGIES[name]
+        return known[name]
     except KeyError:
-        raise ConfigurationError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+        raise ConfigurationError(f"unknown strategy {name!r}; known: {', '.join(sorted(known))}") from None
 
 
 __all__ = [
     "SCHEMA_VERSION",
     "STRATEGIES",
     "STRUCTURE",
+    "TRAINING_STRATEGIES",
     "BaseStageOptimizer",
     "BlameAllocation",
     "CoordinateDescent",
@@ -70,6 +78,7 @@ __all__ = [
     "RunState",
     "ScoredConfig",
     "SearchSpace",
+    "SoftPrompt",
     "StageCandidates",
     "StopSearch",
     "StructureKnobs",
