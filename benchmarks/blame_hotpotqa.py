@@ -45,6 +45,17 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"stageopt {cmd[0]} failed with exit code {code}")
 
 
+def score_on_dev(run_dir: Path, n_dev: int) -> dict[str, Any]:
+    """The run's program scored on the first ``n_dev`` dev examples (``RUN_DIR/dev.json``, made once)."""
+    dev = run_dir / "dev.json"
+    if not dev.exists():
+        run(
+            ["eval", "--task", "hotpotqa", "--split", "dev", "--n", str(n_dev),
+             "--program", str(run_dir / "program.json"), "--json", str(dev)]
+        )  # fmt: skip
+    return dict(json.loads(dev.read_text()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-calls", type=int, default=200)
@@ -66,13 +77,8 @@ def main() -> None:
                      "--budget-calls", str(args.budget_calls), "--val-size", str(args.val_size),
                      "--seed", str(seed), "--out", str(run_dir)]
                 )  # fmt: skip
-            if not (run_dir / "dev.json").exists():
-                run(
-                    ["eval", "--task", "hotpotqa", "--split", "dev", "--n", str(args.n_dev),
-                     "--program", str(run_dir / "program.json"), "--json", str(run_dir / "dev.json")]
-                )  # fmt: skip
+            dev = score_on_dev(run_dir, args.n_dev)
             result = json.loads((run_dir / "result.json").read_text())
-            dev = json.loads((run_dir / "dev.json").read_text())
             rows.append(
                 {
                     "seed": seed,

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.blame_hotpotqa import run
+from benchmarks.blame_hotpotqa import run, score_on_dev
 
 
 def arm(name: str, extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -50,25 +50,8 @@ def arm(name: str, extra: list[str], args: argparse.Namespace, out: Path) -> dic
                 *extra,
             ]
         )
-    dev = run_dir / "dev.json"
-    if not dev.exists():
-        run(
-            [
-                "eval",
-                "--task",
-                "hotpotqa",
-                "--split",
-                "dev",
-                "--n",
-                str(args.n_dev),
-                "--program",
-                str(run_dir / "program.json"),
-                "--json",
-                str(dev),
-            ]
-        )
+    report = score_on_dev(run_dir, args.n_dev)
     result = json.loads((run_dir / "result.json").read_text())
-    report = json.loads(dev.read_text())
     answer = report["stages"]["answer"]
     return {
         "run_dir": str(run_dir),

@@ -20,29 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.blame_hotpotqa import TARGETS, calls_to_reach, run
+from benchmarks.blame_hotpotqa import TARGETS, calls_to_reach, run, score_on_dev
 
 
 def measure(run_dir: Path, n_dev: int) -> dict[str, Any]:
     """Calls to each target, validation scores and dev F1 of one run directory."""
     result = json.loads((run_dir / "result.json").read_text())
-    dev = run_dir / "dev.json"
-    if not dev.exists():
-        run(
-            [
-                "eval",
-                "--task",
-                "hotpotqa",
-                "--split",
-                "dev",
-                "--n",
-                str(n_dev),
-                "--program",
-                str(run_dir / "program.json"),
-                "--json",
-                str(dev),
-            ]
-        )
+    dev = score_on_dev(run_dir, n_dev)
     return {
         "run_dir": str(run_dir),
         "lm_calls": result["usage"]["lm_calls"],
@@ -50,7 +34,7 @@ def measure(run_dir: Path, n_dev: int) -> dict[str, Any]:
         "validation_best": result["best"]["score"],
         "calls_to_gain": {str(t): calls_to_reach(result, t) for t in TARGETS},
         "warm_trials": sum(1 for r in result["history"] if r["phase"] == "warm_start"),
-        "dev_f1": json.loads(dev.read_text())["score"],
+        "dev_f1": dev["score"],
     }
 
 

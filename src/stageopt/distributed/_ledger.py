@@ -14,6 +14,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError, StageoptError, StorageUnavailableError
 from stageopt.evaluation import Budget, BudgetLedger, Usage
+from stageopt.evaluation._budget import refusal_reason
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +50,6 @@ def _engine_of(storage_or_engine: Any) -> sa.engine.Engine:
         "SharedBudgetLedger needs an optuna RDBStorage (from stageopt.distributed.open_storage) or a SQLAlchemy "
         f"Engine, got {type(storage_or_engine).__name__}"
     )
-
-
-def _refusal(budget: Budget, usage: Usage) -> str | None:
-    """Why :meth:`BudgetLedger.reserve` refuses a call at ``usage`` (same order and words), or None."""
-    if budget.lm_calls is not None and usage.lm_calls >= budget.lm_calls:
-        return f"lm_calls limit {budget.lm_calls} reached"
-    if budget.tokens is not None and usage.tokens >= budget.tokens:
-        return f"tokens limit {budget.tokens} reached"
-    if budget.wall_s is not None and usage.wall_s >= budget.wall_s:
-        return f"wall_s limit {budget.wall_s} reached"
-    return None
 
 
 class SharedBudgetLedger(BudgetLedger):
@@ -242,7 +232,7 @@ class SharedBudgetLedger(BudgetLedger):
         wall_s = self.budget.wall_s
         if (wall_s is None or self._wall() < wall_s) and self._run(self._try_reserve):
             return
-        reason = _refusal(self.budget, self.usage()) or f"lm_calls limit {self.budget.lm_calls} reached"
+        reason = refusal_reason(self.budget, self.usage()) or f"lm_calls limit {self.budget.lm_calls} reached"
         raise BudgetExhaustedError(f"budget exhausted: {reason}")
 
     def record(self, *, prompt_tokens: int, completion_tokens: int, cached: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -118,13 +119,7 @@ class BudgetLedger:
             b = self.budget
             u = self._usage
             wall = self._offset_s + time.monotonic() - self._start
-            reason = None
-            if b.lm_calls is not None and u.lm_calls >= b.lm_calls:
-                reason = f"lm_calls limit {b.lm_calls} reached"
-            elif b.tokens is not None and u.prompt_tokens + u.completion_tokens >= b.tokens:
-                reason = f"tokens limit {b.tokens} reached"
-            elif b.wall_s is not None and wall >= b.wall_s:
-                reason = f"wall_s limit {b.wall_s} reached"
+            reason = refusal_reason(b, dataclasses.replace(u, wall_s=wall))
             if reason:
                 raise BudgetExhaustedError(f"budget exhausted: {reason}")
             u.lm_calls += 1
@@ -136,3 +131,18 @@ class BudgetLedger:
             self._usage.completion_tokens += completion_tokens
             if not cached:
                 self._usage.backend_calls += 1
+
+
+def refusal_reason(budget: Budget, usage: Usage) -> str | None:
+    """Why one more call is refused at ``usage`` (``usage.wall_s`` is the elapsed time), or None.
+
+    The check :meth:`BudgetLedger.reserve` makes before counting a call, shared by ledgers
+    that keep their counts elsewhere.
+    """
+    if budget.lm_calls is not None and usage.lm_calls >= budget.lm_calls:
+        return f"lm_calls limit {budget.lm_calls} reached"
+    if budget.tokens is not None and usage.tokens >= budget.tokens:
+        return f"tokens limit {budget.tokens} reached"
+    if budget.wall_s is not None and usage.wall_s >= budget.wall_s:
+        return f"wall_s limit {budget.wall_s} reached"
+    return None

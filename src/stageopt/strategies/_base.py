@@ -23,7 +23,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError
 from stageopt.distributed import SharedBudgetLedger, check_shared, is_shared_storage, mask_url, open_storage
-from stageopt.evaluation import Budget, BudgetLedger, MeteredLM, ModelPrice, Usage, evaluate
+from stageopt.evaluation import Budget, BudgetLedger, ExampleResult, MeteredLM, ModelPrice, Usage, evaluate
 from stageopt.proposers import (
     BaseDemoProposer,
     BaseInstructionProposer,
@@ -403,20 +403,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         prompt_lm = MeteredLM(self.prompt_lm, ledger) if self.prompt_lm is not None else lm
         notes: dict[str, Any] = {}
         try:
-            traces = evaluate(
-                program,
-                boot,
-                self.metric,
-                lm=lm,
-                adapter=self.adapter,
-                stage_metrics=self.stage_metrics,
-                ledger=ledger,
-                num_threads=self.num_threads,
-                max_errors=len(boot),
-                progress=self.progress,
-                desc="bootstrap",
-                capture_traces=True,
-            ).examples
+            traces = self.bootstrap_traces(program, boot, lm, ledger)
             context = ProposalContext(
                 lm=lm,
                 prompt_lm=prompt_lm,
@@ -443,6 +430,35 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         study.set_user_attr("proposal_notes", _jsonable(notes))
         study.set_user_attr("usage_after_proposals", ledger.usage().to_dict())
         return space
+
+    def bootstrap_traces(
+        self,
+        program: dspy.Module,
+        boot: list[dspy.Example],
+        lm: MeteredLM,
+        ledger: BudgetLedger,
+        *,
+        adapter: dspy.Adapter | None = None,
+    ) -> list[ExampleResult]:
+        """Run ``program`` on the bootstrap examples with traces kept (what proposals learn from).
+
+        Every example may fail (``max_errors=len(boot)``); raises
+        :class:`~stageopt.BudgetExhaustedError` when the budget runs out.
+        """
+        return evaluate(
+            program,
+            boot,
+            self.metric,
+            lm=lm,
+            adapter=adapter or self.adapter,
+            stage_metrics=self.stage_metrics,
+            ledger=ledger,
+            num_threads=self.num_threads,
+            max_errors=len(boot),
+            progress=self.progress,
+            desc="bootstrap",
+            capture_traces=True,
+        ).examples
 
     def restore(self, state: RunState) -> None:
         """Load finished trials into ``state`` and fail trials a killed run left running."""

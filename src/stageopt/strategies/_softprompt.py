@@ -228,20 +228,7 @@ class SoftPrompt(BaseStageOptimizer):
         adapter = self.adapter or dspy.settings.adapter
         assert isinstance(adapter, SmallLMAdapter)  # check_stages ran first
         try:
-            traces = evaluate(
-                program,
-                boot,
-                self.metric,
-                lm=lm,
-                adapter=adapter,
-                stage_metrics=self.stage_metrics,
-                ledger=ledger,
-                num_threads=self.num_threads,
-                max_errors=len(boot),
-                progress=self.progress,
-                desc="bootstrap",
-                capture_traces=True,
-            ).examples
+            traces = self.bootstrap_traces(program, boot, lm, ledger, adapter=adapter)
         except BudgetExhaustedError as exc:
             raise ConfigurationError(
                 f"the budget ({self.budget.to_dict()}) ran out while bootstrapping: {exc}; "
