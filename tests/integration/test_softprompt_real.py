@@ -1,0 +1,98 @@
+"""SoftPrompt on the real embedded model: Gemma 3 270M dequantised into torch, HotpotQA's answer stage.
+
+Two bootstrap examples on llama.cpp, one epoch of prompt tuning of the answer stage on the torch
+copy (the GGUF loads into transformers once: about 50 s and 3 GB), validation on two examples
+with the answer stage on TorchLM, then save -> load -> identical answers. Expect 2-4 minutes on
+2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+import torch
+
+from stageopt.cli._routing import load_program, save_program
+from stageopt.evaluation import evaluate
+from stageopt.lm import LocalLM, SmallLMAdapter, SoftPromptState, TorchLM, torch_stages
+from stageopt.lm._torch_io import attach
+from stageopt.strategies import SoftPrompt
+from stageopt.tasks import get_task
+
+pytestmark = pytest.mark.integration
+
+BUDGET = 60
+
+
+def test_softprompt_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path: Path) -> None:
+    task = get_task("hotpotqa")
+    optimizer = SoftPrompt(
+        task.metric,
+        budget=BUDGET,
+        lm=gemma,
+        adapter=SmallLMAdapter(),
+        stage_metrics=task.stage_metrics(),
+        stages=["answer"],
+        epochs=1,
+        batch_size=2,
+        bootstrap_size=2,
+        val_size=2,
+        run_dir=tmp_path / "run",
+    )
+    program = optimizer.compile(task.program(), trainset=task.load("train", n=4))
+    result = optimizer.result
+    assert result is not None
+    assert result.usage["lm_calls"] <= BUDGET
+    note = result.notes["softprompt"]
+    assert note["model"] == "gemma3-270m"
+    assert note["trained"] == ["answer"]
+    n_pairs = sum(note["pairs"]["answer"].values())
+    assert n_pairs >= 2  # the gold answers of both bootstrap examples at least
+    (epoch,) = [h for h in result.history if h["phase"] == "train"]
+    assert epoch["round"] == 1
+    assert math.isfinite(epoch["objectives"]["train_loss"])
+    assert epoch["objectives"]["train_loss"] > 0
+    assert note["epochs"][0]["forward_passes"] == math.ceil(n_pairs / 2)
+    # the answer stage's prompt grows by the 8 virtual tokens only
+    assert epoch["objectives"]["prompt_tokens"]["answer"] > 8
+
+    # the best epoch's soft prompt runs inside the normal program, and survives save -> load
+    tensors = optimizer.best_parameters
+    assert tensors is not None
+    trained = task.program()
+    attach(trained, optimizer.restore_lms(tensors))
+    answer_lm = trained.answer.lm
+    assert isinstance(answer_lm, TorchLM)
+    assert isinstance(answer_lm.torch_engine.state, SoftPromptState)
+    dev = task.load("dev", n=1)
+    before = evaluate(trained, dev, task.metric, lm=gemma, adapter=SmallLMAdapter())
+    assert [c.model for c in before.examples[0].calls][-1] == "torch/gemma3-270m"
+    path = tmp_path / "program.json"
+    save_program(trained, path, {})
+    assert (tmp_path / "softprompt.safetensors").is_file()
+    loaded = task.program()
+    load_program(loaded, path, lm_name="gemma3-270m", lm=gemma, resolve=lambda name: gemma)
+    assert set(torch_stages(loaded)) == {"answer"}
+    after = evaluate(loaded, dev, task.metric, lm=gemma, adapter=SmallLMAdapter())
+    # The same prompt gives the same answer from the saved and the loaded stage (comparing whole
+    # programs would also compare the llama.cpp query stages, whose prefix cache may shift logits).
+    saved_state = answer_lm.torch_engine.state.state_dict()
+    loaded_lm = loaded.answer.lm
+    assert isinstance(loaded_lm, TorchLM)
+    loaded_state = loaded_lm.torch_engine.state
+    assert loaded_state is not None
+    for key, tensor in loaded_state.state_dict().items():
+        assert torch.equal(tensor, saved_state[key])
+    messages = [{"role": "user", "content": "Question: Which city is the capital of France?\nAnswer:"}]
+    assert loaded_lm(messages=messages) == answer_lm(messages=messages)
+    assert [c.model for c in after.examples[0].calls][-1] == "torch/gemma3-270m"
+    # the returned program is either the original one or the trained stage, as validation decided
+    returned = torch_stages(program)
+    assert (set(returned) == {"answer"}) == (result.best["trial"] == epoch["trial"])
