@@ -4,7 +4,8 @@
         [--method prompt] [--epochs 5] [--out benchmarks/results/softprompt_hotpotqa]
 
 Both arms get the same wall-clock budget (``--budget-seconds``; logical calls unbounded), seed and
-validation examples (from train), on the embedded Gemma 3 270M:
+validation examples (from train), on the embedded Gemma 3 270M, with DSPy's response cache off
+(answers cached by earlier runs would give the llama.cpp arm free evaluations):
 
 - discrete: ``stageopt optimize --strategy coordinate`` (instructions and demos of every stage,
   the llama.cpp backend);
@@ -45,6 +46,7 @@ def arm(name: str, extra: list[str], args: argparse.Namespace, out: Path) -> dic
                 str(args.val_size),
                 "--seed",
                 str(args.seed),
+                "--no-cache",  # equal compute: responses cached by earlier runs would favour the llama.cpp arm
                 "--out",
                 str(run_dir),
                 *extra,
