@@ -1,8 +1,9 @@
 """A run and one ``stageopt worker`` process share a PostgreSQL study on the real embedded model.
 
 The run (random search, 2 trials at a time) and a worker started once the study's job queue
-exists both score HotpotQA jobs with Gemma 3 270M on llama.cpp; the shared budget holds. Expect
-1-3 minutes on 2 cores.
+exists both score HotpotQA jobs with Gemma 3 270M on llama.cpp; the shared budget holds. The
+response cache is off (the worker takes the run's setting), so jobs take real time and a
+worker that started polling gets some. Expect 1-3 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def test_run_and_worker_score_jobs_with_the_embedded_model(pg_url: str, tmp_path
     run = subprocess.Popen(
         [STAGEOPT, "optimize", "--task", "hotpotqa", "--strategy", "random", "--option", "patience=null",
          "--budget-calls", str(BUDGET), "--val-size", "2", "--bootstrap-size", "2", "--n-train", "10",
-         "--storage", pg_url, "--study", "real", "--parallel-trials", "2", "--out", str(run_dir)],
+         "--storage", pg_url, "--study", "real", "--parallel-trials", "2", "--no-cache", "--out", str(run_dir)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     storage = open_storage(pg_url, heartbeat_interval=None)
