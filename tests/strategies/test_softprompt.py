@@ -21,6 +21,7 @@ pytest.importorskip("peft")
 from stageopt import ConfigurationError  # noqa: E402
 from stageopt.evaluation import evaluate  # noqa: E402
 from stageopt.lm import LoraState, SmallLMAdapter, SoftPromptState, TorchLM, load_torch_model  # noqa: E402
+from stageopt.lm._torch import input_embeddings  # noqa: E402
 from stageopt.strategies import SoftPrompt  # noqa: E402
 from stageopt.strategies._softprompt_train import (  # noqa: E402
     Trainer,
@@ -335,6 +336,58 @@ def test_end_to_end_mode_trains_through_the_chain(tiny: str) -> None:
     epoch = note["epochs"][0]
     assert set(epoch["train_loss"]) == {"locate", "capital", "locate->capital"}
     assert epoch["steps"] == 2 + 2 + 4  # two batches per stage and one step per chain
+
+
+def test_a_stage_without_targets_is_trained_through_its_chain_only_end_to_end(tiny: str) -> None:
+    # no `country` label and no successful trace: `locate` has no target of its own
+    examples = [dspy.Example(city=e.city, capital=e.capital).with_inputs("city") for e in city_examples()[:8]]
+    trained = {}
+    for end_to_end in (False, True):
+        optimizer = _optimizer(tiny, end_to_end=end_to_end, epochs=1)
+        program = optimizer.compile(CapitalOfCity(), trainset=examples)
+        assert optimizer.result is not None
+        note = optimizer.result.notes["softprompt"]
+        trained[end_to_end] = note["trained"]
+        lms = {name: p.lm for name, p in program.named_predictors()}
+        if end_to_end:
+            assert note["chain_only"] == ["locate"]
+            assert set(note["epochs"][0]["train_loss"]) == {"capital", "locate->capital"}
+            assert isinstance(lms["locate"], TorchLM)
+        else:
+            assert "chain_only" not in note
+            assert lms["locate"] is None
+    assert trained == {False: ["capital"], True: ["locate", "capital"]}
+
+
+def test_relaxed_decoding_with_a_cache_matches_full_forward_passes(tiny: str) -> None:
+    examples, traces, _ = _traces(demo_sensitive_answer, n=1)
+    chain = training_pairs(
+        CapitalOfCity(), traces, examples, SmallLMAdapter(), stages=["locate", "capital"], threshold=0.5
+    ).chains[0]
+    base = load_torch_model(tiny)
+    upstream = SoftPromptState.initial(base, 4)
+    with torch.no_grad():
+        upstream.tensor.normal_(0, 1)
+    samples: list[Any] = []
+    real = torch.nn.functional.gumbel_softmax
+
+    def recording(logits: Any, **kwargs: Any) -> Any:
+        samples.append(logits.detach().clone())
+        return real(logits, **kwargs)
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "gumbel_softmax", recording)
+        chain_loss(base, upstream, SoftPromptState.initial(base, 4), chain, lambda a, b: None, tau=0.5)
+    # the reference: every step a full forward pass over the prompt and the samples so far
+    torch.manual_seed(0)
+    context = torch.cat([input_embeddings(base, upstream, base.encode(chain.upstream_prompt, special=True))])
+    generated: list[Any] = []
+    for cached in samples:
+        logits = base.forward(torch.cat([context, *generated])[None], keep=1)[0, -1]
+        assert torch.allclose(logits, cached, atol=1e-4)
+        generated.append(base.mix(real(logits, tau=0.5, hard=True))[None])
+    assert len(samples) == len(base.encode(chain.inserted, special=False))
 
 
 def test_lora_method_returns_adapted_stages(tiny_lora: str) -> None:

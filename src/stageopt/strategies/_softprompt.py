@@ -18,7 +18,9 @@ output is inserted verbatim in the next one's prompt, the final stage's loss als
 upstream state through straight-through Gumbel-softmax samples of the upstream output
 (:func:`~stageopt.strategies._softprompt_train.chain_loss`). Retrieval between stages (HotpotQA's
 ``query2`` -> ``answer``) is a hard boundary: no chain crosses it, and ``notes["softprompt"]``
-lists such boundaries.
+lists such boundaries. A stage with no target of its own (no trace succeeded and its output is
+no label, e.g. GSM8K's ``plan``) is trained in this mode through its chains alone
+(``notes["softprompt"]["chain_only"]``); the stage-wise mode leaves it as it is.
 """
 
 from __future__ import annotations
@@ -309,11 +311,19 @@ class SoftPrompt(BaseStageOptimizer):
                     continue
                 pairs[stage] = usable
                 states[stage] = self.new_state(base, predictors[stage])
-            note["trained"] = list(states)
+            chains: list[Any] = []
+            if self.end_to_end:
+                # A stage without targets of its own (no trace succeeded, its output is no label) is
+                # still trained when its output feeds a trained stage: the chain loss is its only signal.
+                wanted = self.trained_stages(state.program)
+                for chain in found.chains:
+                    if chain.downstream in states and chain.upstream not in states and chain.upstream in wanted:
+                        states[chain.upstream] = self.new_state(base, predictors[chain.upstream])
+                        note.setdefault("chain_only", []).append(chain.upstream)
+                chains = [c for c in found.chains if c.upstream in states and c.downstream in states]
+            note["trained"] = [s for s in self.trained_stages(state.program) if s in states]
             if not states:
                 return "completed", "no training pairs: no trace scored >= threshold and no stage output is a label"
-            chains = [c for c in found.chains if c.upstream in states and c.downstream in states]
-            chains = chains if self.end_to_end else []
             rng = random.Random(self.seed)
             steps = len(epoch_items(pairs, chains, batch_size=self.batch_size, rng=random.Random(0)))
             trainer = Trainer(

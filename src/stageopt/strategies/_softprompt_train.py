@@ -302,7 +302,10 @@ def chain_loss(
     soft gradient), each fed back to the upstream and, as a mixture of token embeddings, into the
     downstream prompt, so the loss reaches the upstream state. Otherwise the recorded upstream
     output enters as ordinary tokens and no gradient reaches the upstream (the stage-wise mode).
-    The upstream output has as many tokens as the recorded one.
+    The upstream output has as many tokens as the recorded one. The relaxed generation decodes
+    with a key/value cache that stays in the autograd graph: the prompt is processed once and
+    each later pass one token, so memory and time grow linearly with the output, not
+    quadratically (a GSM8K plan is ~60 tokens after a ~300-token prompt).
     """
     import torch
     import torch.nn.functional as F
@@ -311,13 +314,15 @@ def chain_loss(
     if relaxed:
         up_ids = base.encode(chain.upstream_prompt, special=True)
         with base.using(upstream.adapter):
-            context = input_embeddings(base, upstream, up_ids)
+            step = input_embeddings(base, upstream, up_ids)
+            cache = base.new_cache()  # keys/values keep their graph: each pass feeds only the newest sample
             generated: list[torch.Tensor] = []
             for _ in out_ids:
-                charge(context.shape[0] + len(generated), 0)
-                logits = base.forward(torch.cat([context, *generated])[None], keep=1)[0, -1]
+                charge(step.shape[0], 0)
+                logits = base.forward(step[None], cache=cache, keep=1)[0, -1]
                 sample = F.gumbel_softmax(logits, tau=tau, hard=True)
-                generated.append(base.mix(sample)[None])
+                step = base.mix(sample)[None]
+                generated.append(step)
         inserted = torch.cat(generated)
     else:
         inserted = base.embed(out_ids)
