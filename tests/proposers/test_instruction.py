@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stageopt.evaluation import BudgetLedger
 from stageopt.lm import SmallLMAdapter
-from stageopt.proposers import LMInstructionProposer, ProposalContext
+from stageopt.proposers import LMInstructionProposer, ProposalContext, validate_instruction
 from stageopt.strategies import JointBayesian
 from tests.conftest import CapitalOfCity, capital_metric, city_examples, demo_sensitive_answer, scripted_lm
 
@@ -54,3 +54,16 @@ def test_the_prompt_lm_writes_instructions_and_the_task_lm_never_sees_the_reques
     assert not any("Write one clear instruction" in p for p in seen_by_task)
     assert optimizer.result.candidates["locate"]["instructions"] == 2, "the original plus the one valid proposal"
     assert optimizer.result.usage["lm_calls"] == prompt_lm.engine.calls + len(seen_by_task), "both LMs are metered"
+
+
+def test_validation_rejects_a_passage_written_after_a_field_label() -> None:
+    # seen on HotpotQA: Gemma continued the prompt layout with a made-up passage
+    passage = (
+        'Passages: "The demon Lilu was the goddess of the dead, and she had a body that was like the skin of an '
+        "elephant. She was a very angry spirit."
+    )
+    assert validate_instruction(passage, existing=[]) == (None, "starts with a field label")
+    assert validate_instruction(" Answer: Leonardo da Vinci painted it in Florence.", existing=[])[0] is None
+    kept, reason = validate_instruction("Answer the question from the passages in a few words", existing=[])
+    assert (kept, reason) == ("Answer the question from the passages in a few words.", "ok")
+    assert validate_instruction("Use the passages: name the person the question asks about.", existing=[])[1] == "ok"

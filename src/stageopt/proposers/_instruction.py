@@ -34,6 +34,10 @@ _EXEMPLARS = (
 
 _MARKERS = re.compile(r"(^|\n)\s*(step|example|instruction)\s*:|---|\[\[|##|->", re.IGNORECASE)
 
+# A text that opens with a field label ("Passages: ...", "Answer: ...") continues the prompt's
+# layout instead of instructing: a small model writes a made-up passage or answer after it.
+_LEADING_LABEL = re.compile(r"^\W*[A-Z][A-Za-z]*(?: [A-Za-z]+)?\s*:(?!//)")
+
 
 def validate_instruction(text: str, *, existing: list[str]) -> tuple[str | None, str]:
     """Clean ``text`` and decide whether it is a usable instruction.
@@ -47,6 +51,8 @@ def validate_instruction(text: str, *, existing: list[str]) -> tuple[str | None,
         return None, "empty"
     if _HEADER.lower() in cleaned.lower() or _MARKERS.search(text):
         return None, "echoes the request or its markers"
+    if _LEADING_LABEL.match(text.strip()):
+        return None, "starts with a field label"
     if len(words) < 4:
         return None, "too short"
     if len(words) > 60:
