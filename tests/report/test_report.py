@@ -332,3 +332,38 @@ def test_a_run_without_trials_still_reports(tmp_path: Path) -> None:
     assert page.images == {}
     assert "No full-fidelity trial in the history" in (tmp_path / "report.html").read_text()
     assert "program.json is missing" in (tmp_path / "report.html").read_text()
+
+
+def test_a_trained_run_reports_its_loss_and_validation_curves(make_run: RunFactory) -> None:
+    path = make_run(diagnosis=False, study=False)
+    result = json.loads((path / "result.json").read_text())
+    result["strategy"] = "softprompt"
+    result["notes"]["softprompt"] = {
+        "trained": ["plan", "solve"],
+        "returned": "epoch 2 (trial 2)",
+        "epochs": [
+            {"epoch": 1, "train_loss": {"plan": 1.5, "solve": 1.2}, "mean_loss": 1.35, "val_score": 0.1, "lr": 0.03,
+             "forward_passes": 10, "train_s": 12.0},
+            {"epoch": 2, "train_loss": {"plan": 1.1, "solve": 0.9, "plan->solve": 1.4}, "mean_loss": 1.1333,
+             "val_score": 0.2, "lr": 1.5e-4, "forward_passes": 30, "train_s": 20.5},
+        ],
+    }  # fmt: skip
+    (path / "result.json").write_text(json.dumps(result))
+    paths = write_report([path])
+    page = _parse(paths.html.read_text())
+    table = page.tables["training-1"]
+    assert table[0] == [
+        "epoch", "loss plan", "loss solve", "loss plan->solve", "mean loss", "validation F1", "lr", "forward passes",
+        "train s",
+    ]  # fmt: skip
+    assert table[1] == ["1", "1.5000", "1.2000", MISSING, "1.3500", "0.100", "0.03", "10", "12.0"]
+    assert table[2][3] == "1.4000"
+    assert table[2][6] == "0.00015"
+    assert page.images["training-plot-1"].startswith("data:image/png;base64,")
+    markdown = paths.markdown.read_text()
+    assert "### Training curves" in markdown
+    assert "Returned: epoch 2 (trial 2)." in markdown
+    # a run of another strategy has no training section
+    other = _parse(write_report([make_run("other", diagnosis=False, study=False)]).html.read_text())
+    assert "training-1" not in other.tables
+    assert "training-plot-1" not in other.images

@@ -69,6 +69,8 @@ class RunSection:
     dashboard_command: str | None = None
     changes: list[StageChange] = field(default_factory=list)
     changes_source: str = ""
+    training_table: Table | None = None
+    training_png: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,7 @@ def _run_section(run: RunData, index: int, metric: str) -> RunSection:
     pareto = run.result.notes.get("pareto") if isinstance(run.result.notes.get("pareto"), Mapping) else None
     studies = [_study_section(s, index, j, pareto) for j, s in enumerate(run.studies, 1)]
     db = run.path / "optuna.db"
+    epochs = _training_epochs(run)
     return RunSection(
         run=run,
         index=index,
@@ -203,6 +206,53 @@ def _run_section(run: RunData, index: int, metric: str) -> RunSection:
         dashboard_command=f"optuna-dashboard sqlite:///{db.resolve()}" if db.is_file() else None,
         changes=changes,
         changes_source=source,
+        training_table=_training_table(run, epochs, index, metric) if epochs else None,
+        training_png=_plots.training_png(epochs, metric=metric) if epochs else None,
+    )
+
+
+def _training_epochs(run: RunData) -> list[Mapping[str, Any]]:
+    """The per-epoch records of a gradient-trained run (``notes["softprompt"]["epochs"]``), else none."""
+    note = run.result.notes.get("softprompt")
+    epochs = note.get("epochs") if isinstance(note, Mapping) else None
+    return [e for e in epochs if isinstance(e, Mapping)] if isinstance(epochs, list) else []
+
+
+def _training_table(run: RunData, epochs: Sequence[Mapping[str, Any]], index: int, metric: str) -> Table:
+    """One row per epoch: the loss of each trained stage and chain, the validation score, lr, passes, time."""
+    keys = list(dict.fromkeys(k for e in epochs for k in (e.get("train_loss") or {})))
+    rows = []
+    for e in epochs:
+        losses = e.get("train_loss") or {}
+        rows.append(
+            [
+                fmt(e.get("epoch")),
+                *(fmt(losses.get(k), 4) for k in keys),
+                fmt(e.get("mean_loss"), 4),
+                fmt(e.get("val_score")),
+                f"{e['lr']:.3g}" if isinstance(e.get("lr"), int | float) else MISSING,
+                fmt(e.get("forward_passes")),
+                fmt(e.get("train_s"), 1),
+            ]
+        )
+    note = run.result.notes["softprompt"]
+    returned = note.get("returned") if isinstance(note, Mapping) else None
+    return Table(
+        id=f"training-{index}",
+        caption="Training, per epoch",
+        headers=[
+            "epoch",
+            *(f"loss {k}" for k in keys),
+            "mean loss",
+            f"validation {metric}",
+            "lr",
+            "forward passes",
+            "train s",
+        ],
+        rows=rows,
+        note="Loss: mean cross-entropy of the epoch's steps, per trained stage and per chain (end-to-end mode); "
+        "validation: the whole program after the epoch (each epoch is a trial of the history). "
+        + (f"Returned: {returned}." if returned else "The program returned holds the best epoch's parameters."),
     )
 
 

@@ -100,6 +100,10 @@ def _run_html(s: RunSection) -> str:
     ]
     parts += [f'<p class="warning">{_e(note)}</p>' for note in s.run.notes]
     parts += ["<h3>Before and after, per stage</h3>", table_html(s.stage_table)]
+    if s.training_table is not None:
+        parts.append("<h3>Training curves</h3>")
+        parts.append(_img(s.training_png, f"training-plot-{s.index}", "training loss and validation score per epoch"))
+        parts.append(table_html(s.training_table))
     parts.append("<h3>Where the errors come from</h3>")
     parts += [f'<p class="hint">{_prose(hint)}</p>' for hint in s.diagnosis_hints]
     parts.append(_img(s.origins_png, f"origins-plot-{s.index}", "error origins by stage"))

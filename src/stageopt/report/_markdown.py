@@ -25,7 +25,8 @@ def render_markdown(content: ReportContent, *, html_name: str | None = None) -> 
     """The whole summary; ``html_name`` is the HTML report's file name, linked for the plots."""
     parts = [f"# {content.title}", "", f"Generated {content.generated} by `stageopt report`."]
     if html_name:
-        parts.append(f"Plots (convergence, attribution, error origins, Pareto): [{html_name}]({html_name}).")
+        plots = "convergence, training curves, attribution, error origins, Pareto"
+        parts.append(f"Plots ({plots}): [{html_name}]({html_name}).")
     parts += ["", table_markdown(content.summary)]
     parts += [_run_markdown(s) for s in content.runs]
     return "\n".join(parts).rstrip() + "\n"
@@ -35,7 +36,10 @@ def _run_markdown(s: RunSection) -> str:
     r = s.run.result
     parts = ["", f"## Run {s.index}: {s.run.label} — {r.strategy} on {r.task or 'an unnamed task'}", ""]
     parts += [f"> **note:** {note}" for note in s.run.notes]
-    parts += ["", table_markdown(s.stage_table), "", "### Where the errors come from", ""]
+    parts += ["", table_markdown(s.stage_table)]
+    if s.training_table is not None:
+        parts += ["", "### Training curves", "", table_markdown(s.training_table)]
+    parts += ["", "### Where the errors come from", ""]
     parts += [f"- {hint}" for hint in s.diagnosis_hints]
     for table in s.diagnosis_tables:
         parts += ["", table_markdown(table)]

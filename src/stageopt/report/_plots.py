@@ -165,3 +165,38 @@ def pareto_png(study: StudyInfo) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _data_uri(fig)
+
+
+def training_png(epochs: Sequence[Mapping[str, Any]], *, metric: str = "score") -> str | None:
+    """Training loss per stage (and chain) and the validation score, against the epoch.
+
+    Args:
+        epochs: ``notes["softprompt"]["epochs"]`` of a run.
+        metric: The validation score's name for the axis label.
+
+    Returns:
+        The PNG as a data URI, or None without epochs.
+    """
+    if not epochs:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(11, 3.8)
+    losses, validation = fig.subplots(1, 2)
+    numbers = [int(e.get("epoch") or i) for i, e in enumerate(epochs, 1)]
+    keys = list(dict.fromkeys(k for e in epochs for k in (e.get("train_loss") or {})))
+    for key in keys:
+        points = [(n, e["train_loss"][key]) for n, e in zip(numbers, epochs, strict=True) if key in e["train_loss"]]
+        losses.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+    scores = [(n, e.get("val_score")) for n, e in zip(numbers, epochs, strict=True) if e.get("val_score") is not None]
+    validation.plot([p[0] for p in scores], [p[1] for p in scores], marker="o", color="tab:green")
+    losses.set_ylabel("training loss (cross-entropy)")
+    validation.set_ylabel(f"validation {metric}")
+    for ax in (losses, validation):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if keys:
+        losses.legend(fontsize="small")
+    fig.suptitle("Training curves")
+    return _data_uri(fig)
