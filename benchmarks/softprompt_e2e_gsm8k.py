@@ -111,8 +111,7 @@ def arm(name: str, end_to_end: bool, args: argparse.Namespace, out: Path) -> dic
             targets="labeled",
             end_to_end=end_to_end,
             gumbel_tau=args.tau,
-            epochs=args.epochs,
-            patience=None,
+            schedule={"epochs": args.epochs, "patience": None},
         )
         program = optimizer.compile(TASK.program(), trainset=TASK.load("train"))
         assert optimizer.result is not None

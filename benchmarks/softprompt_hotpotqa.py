@@ -94,7 +94,7 @@ def main() -> None:
                 "--option",
                 f"method={args.method}",
                 "--option",
-                f"epochs={args.epochs}",
+                f"schedule.epochs={args.epochs}",
             ],
             args,
             out,

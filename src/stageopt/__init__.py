@@ -24,6 +24,7 @@ from stageopt.strategies import (
     Pareto,
     ParetoRule,
     SoftPrompt,
+    TrainingSchedule,
     get_strategy,
 )
 from stageopt.tasks import get_task
@@ -47,6 +48,7 @@ __all__ = [
     "SoftPrompt",
     "StageoptError",
     "StorageUnavailableError",
+    "TrainingSchedule",
     "evaluate",
     "get_strategy",
     "get_task",

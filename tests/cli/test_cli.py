@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import dspy
 import pytest
 
+from stageopt import ConfigurationError
 from stageopt.cli import _commands
 from stageopt.cli._main import main
 from tests.conftest import scripted_lm
@@ -58,6 +60,25 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
             ["optimize", "--budget-calls", "10", "--out", "x", "--strategy", "joint", "--option", "rounds=2"],
             "not a setting of strategy 'joint'; its settings: min_delta, n_trials, patience",
         ),
+        (
+            ["optimize", "--budget-calls", "10", "--out", "x", "--strategy", "joint", "--option", "rounds.x=2"],
+            "not a setting of strategy 'joint'",
+        ),
+        (
+            ["optimize", "--budget-calls", "10", "--out", "x", "--strategy", "joint", "--option", "n_trials.x=2"],
+            "'n_trials' of strategy 'joint' takes no fields; write --option n_trials=VALUE",
+        ),
+        (
+            [
+                *["optimize", "--budget-calls", "10", "--out", "x", "--strategy", "softprompt"],
+                *["--option", "schedule.epochs=5", "--option", 'schedule={"lr": 0.1}'],
+            ],
+            "both set 'schedule': give the whole value or its fields one by one, not both",
+        ),
+        (
+            ["optimize", "--budget-calls", "10", "--out", "x", "--option", "allocate.mode=2", "--allocate", "blame"],
+            "give --allocate or --option allocate=..., not both",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -65,6 +86,46 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     assert main([*argv, "--data-dir", str(data)]) == 2
     assert message in _error_line(capsys)
+
+
+def test_dotted_options_set_fields_of_a_mapping_setting() -> None:
+    options = ["schedule.epochs=5", "schedule.lr=0.01", "method=lora", "schedule.optimizer=sgd", "schedule.epochs=6"]
+    assert _commands.strategy_options("softprompt", options) == {
+        "schedule": {"epochs": 6, "lr": 0.01, "optimizer": "sgd"},  # a repeated field: the last one wins
+        "method": "lora",
+    }
+    assert _commands.strategy_options("softprompt", ['schedule={"epochs": 5}']) == {"schedule": {"epochs": 5}}
+    # generic: any setting that takes a mapping, for any strategy
+    assert _commands.strategy_options("coordinate", ["allocate.probe_size=3"]) == {"allocate": {"probe_size": 3}}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["schedule.epochs=5", 'schedule={"lr": 0.1}'], "both set 'schedule'"),
+        (['schedule={"lr": 0.1}', "schedule.epochs=5"], "both set 'schedule'"),
+        (["schedule.=5"], "write KEY=VALUE or KEY.FIELD=VALUE"),
+        ([".epochs=5"], "write KEY=VALUE or KEY.FIELD=VALUE"),
+        (["schedule.epochs"], "write KEY=VALUE or KEY.FIELD=VALUE"),
+        (["epochs=5"], "'epochs' is not a setting of strategy 'softprompt'"),
+        (["method.x=lora"], "'method' of strategy 'softprompt' takes no fields"),
+    ],
+)
+def test_bad_dotted_options_are_refused(options: list[str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        _commands.strategy_options("softprompt", options)
+
+
+def test_an_unknown_schedule_field_is_refused_listing_the_fields(
+    data: Path, scripted: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torch")
+    argv = ["optimize", "--data-dir", str(data), "--budget-calls", "10", "--out", str(tmp_path / "sp")]
+    argv += ["--strategy", "softprompt", "--adapter", "small", "--option", "schedule.epoch=5"]
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "unknown training schedule setting(s) epoch" in line
+    assert "epochs, batch_size" in line
 
 
 def test_malformed_data_names_the_line(tmp_path: Path, scripted: None, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,7 +23,7 @@ from stageopt.cli._routing import load_program, save_program
 from stageopt.evaluation import evaluate
 from stageopt.lm import LocalLM, SmallLMAdapter, SoftPromptState, TorchLM, torch_stages
 from stageopt.lm._torch_io import attach
-from stageopt.strategies import SoftPrompt
+from stageopt.strategies import SoftPrompt, TrainingSchedule
 from stageopt.tasks import get_task
 
 pytestmark = pytest.mark.integration
@@ -40,8 +40,7 @@ def test_softprompt_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path
         adapter=SmallLMAdapter(),
         stage_metrics=task.stage_metrics(),
         stages=["answer"],
-        epochs=1,
-        batch_size=2,
+        schedule=TrainingSchedule(epochs=1, batch_size=2),
         bootstrap_size=2,
         val_size=2,
         run_dir=tmp_path / "run",
@@ -50,6 +49,10 @@ def test_softprompt_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path
     result = optimizer.result
     assert result is not None
     assert result.usage["lm_calls"] <= BUDGET
+    # the schedule's settings, the method's default learning rate filled in, decided the stop
+    stopping = result.notes["stopping"]["settings"]
+    assert (stopping["epochs"], stopping["batch_size"], stopping["lr"]) == (1, 2, optimizer.schedule.lr)
+    assert optimizer.schedule.lr is not None
     note = result.notes["softprompt"]
     assert note["model"] == "gemma3-270m"
     assert note["trained"] == ["answer"]

@@ -22,7 +22,8 @@ from stageopt import ConfigurationError  # noqa: E402
 from stageopt.evaluation import evaluate  # noqa: E402
 from stageopt.lm import LoraState, SmallLMAdapter, SoftPromptState, TorchLM, load_torch_model  # noqa: E402
 from stageopt.lm._torch import input_embeddings  # noqa: E402
-from stageopt.strategies import SoftPrompt  # noqa: E402
+from stageopt.strategies import SoftPrompt, TrainingSchedule  # noqa: E402
+from stageopt.strategies._softprompt import DEFAULT_LR  # noqa: E402
 from stageopt.strategies._softprompt_train import (  # noqa: E402
     Trainer,
     chain_loss,
@@ -63,7 +64,10 @@ def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("sp_lora") / "tiny"))
 
 
-def _optimizer(model: str, metric: Any = _answered, **settings: Any) -> SoftPrompt:
+def _optimizer(
+    model: str, metric: Any = _answered, *, schedule: dict[str, Any] | None = None, **settings: Any
+) -> SoftPrompt:
+    """A small SoftPrompt; ``schedule`` overrides some fields of the tests' schedule."""
     options: dict[str, Any] = {
         "budget": 400,
         "lm": _lm(),
@@ -71,9 +75,7 @@ def _optimizer(model: str, metric: Any = _answered, **settings: Any) -> SoftProm
         "model": model,
         "bootstrap_size": 4,
         "val_size": 2,
-        "epochs": 2,
-        "batch_size": 2,
-        "lr": 0.05,
+        "schedule": {"epochs": 2, "batch_size": 2, "lr": 0.05, **(schedule or {})},
         **settings,
     }
     return SoftPrompt(metric, **options)
@@ -255,6 +257,8 @@ def test_a_run_trains_per_epoch_records_curves_and_returns_torch_stages(tiny: st
     assert [(h["phase"], h["round"]) for h in result.history] == [("baseline", None), ("train", 1), ("train", 2)]
     note = result.notes["softprompt"]
     assert note["trained"] == ["capital"]
+    assert note["schedule"] == optimizer.schedule.to_dict()
+    assert note["schedule"]["epochs"] == 2
     losses = [h["objectives"]["train_loss"] for h in result.history[1:]]
     assert losses == [e["mean_loss"] for e in note["epochs"]]
     assert all(loss > 0 for loss in losses)
@@ -282,7 +286,7 @@ def test_a_run_trains_per_epoch_records_curves_and_returns_torch_stages(tiny: st
 def test_the_same_seed_gives_the_same_run(tiny: str) -> None:
     runs = []
     for _ in range(2):
-        optimizer = _optimizer(tiny, stages=["capital"], epochs=1)
+        optimizer = _optimizer(tiny, stages=["capital"], schedule={"epochs": 1})
         optimizer.compile(CapitalOfCity(), trainset=city_examples()[:8])
         assert optimizer.result is not None
         runs.append(
@@ -295,28 +299,66 @@ def test_the_same_seed_gives_the_same_run(tiny: str) -> None:
 
 
 def test_early_stopping_stops_and_keeps_the_original_when_no_epoch_helps(tiny: str) -> None:
-    optimizer = _optimizer(tiny, _never, stages=["capital"], epochs=6, patience=1)
+    optimizer = _optimizer(tiny, _never, stages=["capital"], schedule={"epochs": 6, "patience": 1})
     program = optimizer.compile(CapitalOfCity(), trainset=city_examples()[:8])
     result = optimizer.result
     assert result is not None
     assert result.status == "early_stopped"
     assert [h["phase"] for h in result.history] == ["baseline", "train", "train"]
     assert result.notes["stopping"]["checks"][-1] == {"epoch": 2, "score": 0.0, "improved": False, "epochs_without": 1}
+    # the stopping settings are the schedule's, recorded under the names they always had
+    assert result.notes["stopping"]["settings"] == {
+        "epochs": 6,
+        "patience": 1,
+        "min_delta": 0.0,
+        "lr": 0.05,
+        "warmup_ratio": 0.1,
+        "batch_size": 2,
+    }
     assert all(p.lm is None for _, p in program.named_predictors())
     assert "as it was" in result.notes["softprompt"]["returned"]
 
 
+def test_without_a_learning_rate_training_uses_the_methods_default(tiny: str) -> None:
+    plan = {"epochs": 1, "lr": None, "warmup_ratio": 0.0}
+    optimizer = _optimizer(tiny, stages=["capital"], schedule=plan)
+    assert optimizer.schedule == TrainingSchedule(epochs=1, batch_size=2, lr=DEFAULT_LR["prompt"], warmup_ratio=0.0)
+    assert _optimizer(tiny, method="lora", schedule=plan).schedule.lr == DEFAULT_LR["lora"]
+    optimizer.compile(CapitalOfCity(), trainset=city_examples()[:8])
+    result = optimizer.result
+    assert result is not None
+    # no warmup: the first epoch runs at the peak rate, the resolved default
+    assert result.history[1]["objectives"]["lr"] == pytest.approx(DEFAULT_LR["prompt"])
+    assert result.notes["softprompt"]["epochs"][0]["lr"] == pytest.approx(DEFAULT_LR["prompt"])
+    assert result.notes["stopping"]["settings"]["lr"] == DEFAULT_LR["prompt"]
+
+
+def test_the_schedule_is_a_training_schedule_or_a_mapping_of_its_fields(tiny: str) -> None:
+    given = TrainingSchedule(epochs=4, lr=0.01, grad_clip=None)
+    assert _optimizer(tiny, schedule=None).schedule.epochs == 2  # the helper's mapping
+    assert SoftPrompt(capital_metric, budget=10, schedule=given).schedule == given
+    assert SoftPrompt(capital_metric, budget=10).schedule == TrainingSchedule(lr=DEFAULT_LR["prompt"])
+    with pytest.raises(ConfigurationError, match="unknown training schedule setting"):
+        _optimizer(tiny, schedule={"epoch": 3})
+    with pytest.raises(ConfigurationError, match="`schedule` must be a TrainingSchedule"):
+        SoftPrompt(capital_metric, budget=10, schedule=[("epochs", 3)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="epochs"):
+        SoftPrompt(capital_metric, budget=10, epochs=3)  # the flat settings are gone
+
+
 def test_a_finished_run_is_not_resumed(tiny: str, tmp_path: Path) -> None:
-    _optimizer(tiny, stages=["capital"], epochs=1, run_dir=tmp_path).compile(CapitalOfCity(), trainset=city_examples())
+    _optimizer(tiny, stages=["capital"], schedule={"epochs": 1}, run_dir=tmp_path).compile(
+        CapitalOfCity(), trainset=city_examples()
+    )
     with pytest.raises(ConfigurationError, match="cannot be resumed"):
-        _optimizer(tiny, stages=["capital"], epochs=1, run_dir=tmp_path).compile(
+        _optimizer(tiny, stages=["capital"], schedule={"epochs": 1}, run_dir=tmp_path).compile(
             CapitalOfCity(), trainset=city_examples()
         )
 
 
 def test_the_budget_stops_training_and_the_run_stays_within_it(tiny: str) -> None:
     # bootstrap 8 + baseline 4 + epoch 1 (2 passes + 4 validation calls) = 18; epoch 2 runs out
-    optimizer = _optimizer(tiny, stages=["capital"], epochs=5, budget=19, patience=None)
+    optimizer = _optimizer(tiny, stages=["capital"], budget=19, schedule={"epochs": 5, "patience": None})
     program = optimizer.compile(CapitalOfCity(), trainset=city_examples()[:8])
     result = optimizer.result
     assert result is not None
@@ -327,7 +369,7 @@ def test_the_budget_stops_training_and_the_run_stays_within_it(tiny: str) -> Non
 
 
 def test_end_to_end_mode_trains_through_the_chain(tiny: str) -> None:
-    optimizer = _optimizer(tiny, end_to_end=True, epochs=1)
+    optimizer = _optimizer(tiny, end_to_end=True, schedule={"epochs": 1})
     optimizer.compile(CapitalOfCity(), trainset=city_examples()[:8])
     result = optimizer.result
     assert result is not None
@@ -343,7 +385,7 @@ def test_a_stage_without_targets_is_trained_through_its_chain_only_end_to_end(ti
     examples = [dspy.Example(city=e.city, capital=e.capital).with_inputs("city") for e in city_examples()[:8]]
     trained = {}
     for end_to_end in (False, True):
-        optimizer = _optimizer(tiny, end_to_end=end_to_end, epochs=1)
+        optimizer = _optimizer(tiny, end_to_end=end_to_end, schedule={"epochs": 1})
         program = optimizer.compile(CapitalOfCity(), trainset=examples)
         assert optimizer.result is not None
         note = optimizer.result.notes["softprompt"]
@@ -391,7 +433,7 @@ def test_relaxed_decoding_with_a_cache_matches_full_forward_passes(tiny: str) ->
 
 
 def test_lora_method_returns_adapted_stages(tiny_lora: str) -> None:
-    optimizer = _optimizer(tiny_lora, stages=["capital"], method="lora", epochs=1, lr=1e-2)
+    optimizer = _optimizer(tiny_lora, stages=["capital"], method="lora", schedule={"epochs": 1, "lr": 1e-2})
     program = optimizer.compile(CapitalOfCity(), trainset=city_examples()[:8])
     lm = dict(program.named_predictors())["capital"].lm
     assert isinstance(lm, TorchLM)
@@ -402,9 +444,9 @@ def test_lora_method_returns_adapted_stages(tiny_lora: str) -> None:
     ("settings", "message"),
     [
         ({"method": "prefix"}, "'prompt' or 'lora'"),
-        ({"optimizer": "adam"}, "'adamw' or 'sgd'"),
-        ({"epochs": 0}, "`epochs` must be an int >= 1"),
-        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"schedule": {"optimizer": "adam"}}, "'adamw' or 'sgd'"),
+        ({"schedule": {"epochs": 0}}, "`epochs` must be an int >= 1"),
+        ({"schedule": {"warmup_ratio": 1.0}}, "warmup_ratio"),
         ({"stages": "capital"}, "non-empty list"),
         ({"targets": "gold"}, "`targets` must be one of"),
     ],
@@ -451,10 +493,10 @@ def test_cli_optimize_softprompt_saves_and_eval_loads_the_learned_stage(
     options = [
         'stages=["answer"]',
         "method=lora",
-        "epochs=3",
-        "lr=0.05",
-        "batch_size=1",
-        "warmup_ratio=0",
+        "schedule.epochs=3",
+        "schedule.lr=0.05",
+        "schedule.batch_size=1",
+        "schedule.warmup_ratio=0",
         f"model={tiny_lora}",
     ]
     argv += ["--bootstrap-size", "2", "--strategy", "softprompt", *[x for o in options for x in ("--option", o)]]

@@ -185,8 +185,13 @@ def _run_optimizer(
 def strategy_options(strategy: str, options: list[str]) -> dict[str, Any]:
     """Strategy settings from ``--option KEY=VALUE`` flags (VALUE parsed as JSON, else a string).
 
+    ``--option KEY.FIELD=VALUE`` sets one field of a setting that takes a mapping (e.g.
+    ``--option schedule.epochs=5 --option schedule.lr=0.01`` gives ``{"schedule": {"epochs": 5,
+    "lr": 0.01}}``); the strategy checks the field names when it is built.
+
     Raises:
-        ConfigurationError: for a malformed flag or a KEY the strategy's constructor does not take.
+        ConfigurationError: for a malformed flag, a KEY the strategy's constructor does not take,
+            a field of a setting that takes no mapping, or a setting given both whole and by field.
     """
     cls = get_strategy(strategy)
     # The settings a strategy adds to the base's (those have flags of their own).
@@ -196,27 +201,57 @@ def strategy_options(strategy: str, options: list[str]) -> dict[str, Any]:
         if "__init__" in vars(klass) and issubclass(klass, BaseStageOptimizer) and klass is not BaseStageOptimizer
     ]
     own = {
-        name
+        name: p
         for init in inits
         for name, p in inspect.signature(init).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "budget"
     }
     out: dict[str, Any] = {}
+    by_field: set[str] = set()  # settings built field by field
     for option in options:
         key, sep, raw = option.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ConfigurationError(f"--option {option!r}: write KEY=VALUE, e.g. --option n_trials=20")
-        if key not in own:
+        name, dot, field = key.partition(".")
+        if not sep or not name or (dot and not field):
+            raise ConfigurationError(
+                f"--option {option!r}: write KEY=VALUE or KEY.FIELD=VALUE, e.g. --option n_trials=20"
+            )
+        if name not in own:
             known = ", ".join(sorted(own)) or "none"
             raise ConfigurationError(
-                f"--option {key!r} is not a setting of strategy {strategy!r}; its settings: {known}"
+                f"--option {name!r} is not a setting of strategy {strategy!r}; its settings: {known}"
             )
         try:
-            out[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            out[key] = raw
+            value = raw
+        if not dot:
+            if name in by_field:
+                raise ConfigurationError(
+                    f"--option {name}=... and --option {name}.FIELD=... both set {name!r}: give the whole "
+                    f"value or its fields one by one, not both"
+                )
+            out[name] = value
+            continue
+        if not _takes_mapping(own[name]):
+            raise ConfigurationError(
+                f"--option {key!r}: {name!r} of strategy {strategy!r} takes no fields; write --option {name}=VALUE"
+            )
+        if name in out and name not in by_field:
+            raise ConfigurationError(
+                f"--option {name}=... and --option {name}.FIELD=... both set {name!r}: give the whole "
+                f"value or its fields one by one, not both"
+            )
+        by_field.add(name)
+        out.setdefault(name, {})[field] = value
     return out
+
+
+def _takes_mapping(parameter: inspect.Parameter) -> bool:
+    """Whether a constructor setting accepts a mapping (by its annotation, or a dict default)."""
+    annotation = parameter.annotation
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return any(word in text for word in ("Mapping", "dict")) or isinstance(parameter.default, dict)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -233,7 +268,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     trainset = task.load("train", n=args.n_train)
     options = list(getattr(args, "option", None) or [])
     if getattr(args, "allocate", None) is not None:
-        if any(o.partition("=")[0].strip() == "allocate" for o in options):
+        if any(o.partition("=")[0].strip().partition(".")[0] == "allocate" for o in options):
             raise ConfigurationError("give --allocate or --option allocate=..., not both")
         options.append(f"allocate={args.allocate}")
     extra = strategy_options(args.strategy, options)

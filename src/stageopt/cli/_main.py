@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a setting of the strategy, VALUE as JSON (repeatable), e.g. --option n_trials=20",
+        help="a setting of the strategy, VALUE as JSON (repeatable), e.g. --option n_trials=20; "
+        "KEY.FIELD=VALUE sets one field of a mapping setting, e.g. --option schedule.epochs=5",
     )
     opt.add_argument("--budget-calls", type=int, required=True, help="max logical LM calls (cache hits count)")
     opt.add_argument("--budget-tokens", type=int, default=None, help="max tokens")

@@ -15,6 +15,7 @@ from stageopt.strategies._pbt import PopulationBasedTraining
 from stageopt.strategies._random import RandomSearch
 from stageopt.strategies._result import SCHEMA_VERSION, OptimizationResult, TrialRecord
 from stageopt.strategies._softprompt import SoftPrompt
+from stageopt.strategies._softprompt_schedule import TrainingSchedule
 from stageopt.strategies._space import SearchSpace, StageCandidates, config_key
 from stageopt.strategies._state import RunState, ScoredConfig, StopSearch
 from stageopt.strategies._structure import STRUCTURE, StructuredProgram, StructureKnobs, StructureSpace
@@ -85,6 +86,7 @@ __all__ = [
     "StructureSpace",
     "StructuredProgram",
     "SuccessiveHalving",
+    "TrainingSchedule",
     "TrialMeasures",
     "TrialRecord",
     "WarmStart",

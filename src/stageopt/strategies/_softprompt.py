@@ -30,7 +30,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +43,9 @@ from stageopt.lm._adapter import SmallLMAdapter
 from stageopt.lm._torch import LoraState, SoftPromptState, StageState, TorchModel, load_torch_model, require_torch
 from stageopt.lm._torch_io import attach
 from stageopt.lm._torch_lm import TorchLM
-from stageopt.strategies._base import BaseStageOptimizer, check_early_stopping
+from stageopt.strategies._base import BaseStageOptimizer
 from stageopt.strategies._constraints import TrialMeasures, measure
+from stageopt.strategies._softprompt_schedule import TrainingSchedule
 from stageopt.strategies._softprompt_train import (
     TARGET_SOURCES,
     PairSet,
@@ -93,29 +94,25 @@ class SoftPrompt(BaseStageOptimizer):
         n_virtual_tokens: Virtual tokens per stage for ``prompt``; they start as the embeddings of
             the stage's instruction tokens (random tokens when it has none).
         lora_r: LoRA rank for ``lora``.
-        optimizer: ``adamw`` or ``sgd`` (momentum 0.9).
-        lr: Peak learning rate (default 3e-2 for ``prompt``, 1e-3 for ``lora``).
-        weight_decay: Weight decay.
-        warmup_ratio: Share of the steps with linear warmup before the cosine decay.
-        epochs: Maximum epochs.
-        batch_size: Pairs per step (one stage per step).
-        grad_clip: Maximum gradient norm (None: no clipping).
-        patience: Epochs without a validation improvement above ``min_delta`` before stopping
-            (None: run every epoch).
-        min_delta: Smallest validation improvement that resets the patience.
         model: Torch model (embedded name or local Hugging Face folder; default: the run's
             embedded model).
         end_to_end: Also train through chains of stages (experimental; see the module docstring).
         gumbel_tau: Gumbel-softmax temperature of the end-to-end mode.
         targets: Training targets: ``both`` (default), ``bootstrapped`` (successful traces'
             own outputs only) or ``labeled`` (gold labels only).
+        schedule: How training runs and stops (optimizer, learning rate, epochs, batch size,
+            clipping, patience): a :class:`~stageopt.strategies.TrainingSchedule`, a mapping of
+            some of its fields (``{"epochs": 5, "lr": 0.01}``; CLI: ``--option schedule.epochs=5``),
+            or None for the defaults. A schedule without ``lr`` gets the method's default rate
+            (3e-2 for ``prompt``, 1e-3 for ``lora``).
         **kwargs: The settings of :class:`~stageopt.strategies.BaseStageOptimizer`; the adapter
             must be a :class:`~stageopt.lm.SmallLMAdapter` (training renders its layout).
     """
 
     strategy_name = "softprompt"
 
-    #: What decides when training stops: the epochs, the patience on validation, and the schedule.
+    #: The :class:`TrainingSchedule` fields that decide when training stops (the epochs, the patience
+    #: on validation, the learning-rate schedule), reported in ``notes["stopping"]["settings"]``.
     STOPPING_SETTINGS = ("epochs", "patience", "min_delta", "lr", "warmup_ratio", "batch_size")
 
     def __init__(
@@ -127,19 +124,11 @@ class SoftPrompt(BaseStageOptimizer):
         method: str = "prompt",
         n_virtual_tokens: int = 8,
         lora_r: int = 4,
-        optimizer: str = "adamw",
-        lr: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.1,
-        epochs: int = 3,
-        batch_size: int = 4,
-        grad_clip: float | None = 1.0,
-        patience: int | None = 2,
-        min_delta: float = 0.0,
         model: str | None = None,
         end_to_end: bool = False,
         gumbel_tau: float = 1.0,
         targets: str = "both",
+        schedule: TrainingSchedule | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, budget=budget, **kwargs)
@@ -150,41 +139,29 @@ class SoftPrompt(BaseStageOptimizer):
             raise ConfigurationError(f"`stages` must be a non-empty list of stage names or None, got {stages!r}")
         if method not in DEFAULT_LR:
             raise ConfigurationError(f"`method` must be 'prompt' or 'lora', got {method=}")
-        if optimizer not in ("adamw", "sgd"):
-            raise ConfigurationError(f"`optimizer` must be 'adamw' or 'sgd', got {optimizer=}")
-        for name, value in (("n_virtual_tokens", n_virtual_tokens), ("lora_r", lora_r), ("epochs", epochs)):
+        for name, value in (("n_virtual_tokens", n_virtual_tokens), ("lora_r", lora_r)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"`{name}` must be an int >= 1, got {name}={value!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigurationError(f"`batch_size` must be an int >= 1, got {batch_size=!r}")
-        if lr is not None and not lr > 0:
-            raise ConfigurationError(f"`lr` must be positive or None, got {lr=}")
-        if weight_decay < 0 or not 0 <= warmup_ratio < 1:
-            raise ConfigurationError(
-                f"need weight_decay >= 0 and 0 <= warmup_ratio < 1, got {weight_decay=}, {warmup_ratio=}"
-            )
-        if grad_clip is not None and not grad_clip > 0:
-            raise ConfigurationError(f"`grad_clip` must be positive or None, got {grad_clip=}")
         if not gumbel_tau > 0:
             raise ConfigurationError(f"`gumbel_tau` must be positive, got {gumbel_tau=}")
         if targets not in TARGET_SOURCES:
             raise ConfigurationError(f"`targets` must be one of {TARGET_SOURCES}, got {targets=}")
-        check_early_stopping(patience, min_delta)
+        if schedule is None:
+            schedule = TrainingSchedule()
+        elif isinstance(schedule, Mapping):
+            schedule = TrainingSchedule.from_dict(schedule)
+        elif not isinstance(schedule, TrainingSchedule):
+            raise ConfigurationError(
+                f"`schedule` must be a TrainingSchedule, a mapping of its fields or None, got {schedule!r}"
+            )
         if self.parallel_trials != 1:
             raise ConfigurationError("softprompt trains in this process: `parallel_trials` must be 1")
         self.stages = list(stages) if stages is not None else None
         self.method = method
         self.n_virtual_tokens = n_virtual_tokens
         self.lora_r = lora_r
-        self.optimizer = optimizer
-        self.lr = lr if lr is not None else DEFAULT_LR[method]
-        self.weight_decay = weight_decay
-        self.warmup_ratio = warmup_ratio
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.grad_clip = grad_clip
-        self.patience = patience
-        self.min_delta = min_delta
+        #: The training schedule, its ``lr`` resolved (never None): what training uses and records.
+        self.schedule = schedule.with_default_lr(DEFAULT_LR[method])
         self.model = model
         self.end_to_end = bool(end_to_end)
         self.gumbel_tau = gumbel_tau
@@ -295,6 +272,7 @@ class SoftPrompt(BaseStageOptimizer):
             **found.summary(),
             "epochs": [],
             "end_to_end": self.end_to_end,
+            "schedule": self.schedule.to_dict(),
         }
         state.notes["softprompt"] = note
         base = self._base = load_torch_model(note["model"])
@@ -325,15 +303,17 @@ class SoftPrompt(BaseStageOptimizer):
             if not states:
                 return "completed", "no training pairs: no trace scored >= threshold and no stage output is a label"
             rng = random.Random(self.seed)
-            steps = len(epoch_items(pairs, chains, batch_size=self.batch_size, rng=random.Random(0)))
+            plan = self.schedule
+            assert plan.lr is not None  # resolved in __init__
+            steps = len(epoch_items(pairs, chains, batch_size=plan.batch_size, rng=random.Random(0)))
             trainer = Trainer(
                 [p for s in states.values() for p in s.parameters()],
-                optimizer=self.optimizer,
-                lr=self.lr,
-                weight_decay=self.weight_decay,
-                total_steps=max(2, self.epochs * steps),
-                warmup_ratio=self.warmup_ratio,
-                grad_clip=self.grad_clip,
+                optimizer=plan.optimizer,
+                lr=plan.lr,
+                weight_decay=plan.weight_decay,
+                total_steps=max(2, plan.epochs * steps),
+                warmup_ratio=plan.warmup_ratio,
+                grad_clip=plan.grad_clip,
             )
             lms = {stage: self.stage_lm(state, base, s) for stage, s in states.items()}
             return self._epochs(state, base, states, lms, pairs, chains, trainer, rng)
@@ -349,7 +329,7 @@ class SoftPrompt(BaseStageOptimizer):
         trainer: Trainer,
         rng: random.Random,
     ) -> tuple[str, str | None]:
-        ledger = state.ledger
+        ledger, plan = state.ledger, self.schedule
 
         def charge(prompt_tokens: int, target_tokens: int) -> None:
             ledger.reserve()
@@ -357,9 +337,9 @@ class SoftPrompt(BaseStageOptimizer):
 
         best_score, watched, since = -math.inf, -math.inf, 0
         checks: list[dict[str, Any]] = state.notes.setdefault("stopping_checks", [])
-        for epoch in range(1, self.epochs + 1):
+        for epoch in range(1, plan.epochs + 1):
             start, lr = time.perf_counter(), trainer.lr
-            items = epoch_items(pairs, chains, batch_size=self.batch_size, rng=rng)
+            items = epoch_items(pairs, chains, batch_size=plan.batch_size, rng=rng)
             try:
                 stats = train_epoch(base, states, items, trainer, charge, tau=self.gumbel_tau)
             except BudgetExhaustedError as exc:
@@ -384,11 +364,11 @@ class SoftPrompt(BaseStageOptimizer):
             if record.score > best_score:
                 best_score = record.score
                 self._best = (record.trial, {stage: s.state_dict() for stage, s in states.items()})
-            improved = record.score > watched + self.min_delta
+            improved = record.score > watched + plan.min_delta
             watched, since = (record.score, 0) if improved else (watched, since + 1)
             checks.append({"epoch": epoch, "score": record.score, "improved": improved, "epochs_without": since})
-            if self.patience is not None and since >= self.patience:
-                return "early_stopped", f"no validation improvement in {since} epoch(s) (patience={self.patience})"
+            if plan.patience is not None and since >= plan.patience:
+                return "early_stopped", f"no validation improvement in {since} epoch(s) (patience={plan.patience})"
         return "completed", None
 
     def _validate(
@@ -439,6 +419,12 @@ class SoftPrompt(BaseStageOptimizer):
         return state.record_trial(trial, scored, phase=TRAIN_PHASE, round=epoch), elapsed
 
     # ---- the result -------------------------------------------------------------------------
+
+    def stopping_note(self, state: RunState, status: str, reason: str | None) -> dict[str, Any]:
+        """The base note, its ``settings`` read from :attr:`schedule` (``lr`` the rate training used)."""
+        note = super().stopping_note(state, status, reason)
+        note["settings"] = {name: getattr(self.schedule, name) for name in self.STOPPING_SETTINGS}
+        return note
 
     def finish(self, state: RunState, status: str, reason: str | None) -> dspy.Module:
         """The best validation program: its trained stages on TorchLMs holding the best epoch's parameters."""
