@@ -12,6 +12,7 @@ from stageopt._errors import (
     DataError,
     EvaluationError,
     ModelNotAvailableError,
+    RunInProgressError,
     StageoptError,
     StorageUnavailableError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "OptimizationResult",
     "Pareto",
     "ParetoRule",
+    "RunInProgressError",
     "SmallLMAdapter",
     "SoftPrompt",
     "StageoptError",

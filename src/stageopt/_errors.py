@@ -41,6 +41,25 @@ class StorageUnavailableError(StageoptError):
     """
 
 
+class RunInProgressError(StageoptError):
+    """Another run of the same study on a shared storage is live (it holds the study's run lease).
+
+    The message names the study, the other run's host, pid and start time, and what to do.
+
+    Attributes:
+        holder: The other run's lease attributes (``host``, ``pid``, ``started``, ``strategy``).
+        retry_after_s: Seconds until the other run's lease goes stale if that run is dead (None
+            when unknown): a run killed a moment ago blocks its study for at most this long.
+    """
+
+    def __init__(
+        self, message: str, *, holder: dict[str, object] | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.holder = dict(holder or {})
+        self.retry_after_s = retry_after_s
+
+
 def find_cause(exc: BaseException, *types: type[BaseException]) -> BaseException | None:
     """The first exception of one of ``types`` in ``exc``'s chain (``exc``, its cause or context, ...).
 

@@ -388,6 +388,7 @@ def test_a_killed_run_resumes_without_redoing_trials(cluster: Cluster) -> None:
     assert first.wait(10) == -signal.SIGKILL
     finished = set(_recorded(trials := cluster.main_trials("resume")))
     before = {t.number: t.user_attrs["params"] for t in trials if t.number in finished}
+    time.sleep(2 * HEARTBEAT_S + 0.5)  # the killed run's lease goes stale; a resume sooner is refused (test_runs.py)
 
     second = cluster.leader("resume", *flags, "--resume", budget=budget, val_size=2)
     assert second.wait() == 0, second.output()

@@ -21,8 +21,12 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from stageopt._errors import ConfigurationError, StorageUnavailableError
+from stageopt.distributed._queue import JOBS_SUFFIX
 
 logger = logging.getLogger(__name__)
+
+#: Suffix of the study that holds the run leases of a shared study (see :class:`RunLease`).
+RUNS_SUFFIX = ".runs"
 
 _SHARED_DIALECTS = ("postgres", "mysql", "mariadb")
 _LOCAL_SERVER_HINT = "sh scripts/postgres.sh start /tmp/pg 5432"
@@ -167,7 +171,9 @@ def open_storage(
             its warning is silenced here.
         grace_period: Seconds without heartbeat before a trial counts as stale (Optuna's
             default, None, is twice ``heartbeat_interval``).
-        max_retry: How often one stale trial is re-enqueued; None retries without limit.
+        max_retry: How often one stale trial is re-enqueued; None retries without limit; 0 installs
+            no retry callback at all: a stale trial is only failed (the run leases of
+            :class:`~stageopt.distributed.RunLease`, which must never come back).
 
     Returns:
         The storage; its SQLAlchemy engine is ``storage.engine`` (see :class:`SharedBudgetLedger`).
@@ -184,13 +190,15 @@ def open_storage(
     for name, opt in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
         if opt is not None and (isinstance(opt, bool) or not isinstance(opt, int) or opt <= 0):
             raise ConfigurationError(f"`{name}` must be a positive integer or None, got {name}={opt!r}")
+    if max_retry is not None and (isinstance(max_retry, bool) or not isinstance(max_retry, int) or max_retry < 0):
+        raise ConfigurationError(f"`max_retry` must be an integer >= 0 or None, got {max_retry=}")
 
     kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
     masked = mask_url(url)
     url = resolve_storage_url(url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if heartbeat_interval is not None:
+        if heartbeat_interval is not None and max_retry != 0:
             callback = _stale_trial_callback(max_retry)
             # Optuna >= 4.9 renamed ``failed_trial_callback`` (deprecated) to ``heartbeat_stale_trial_callback``.
             params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
@@ -225,6 +233,10 @@ def open_storage(
     return storage
 
 
+#: Suffixes of the studies a run on a shared storage keeps beside its own.
+_HELPER_SUFFIXES = (JOBS_SUFFIX, RUNS_SUFFIX)
+
+
 def load_study(
     storage: optuna.storages.BaseStorage | str,
     study_name: str,
@@ -243,7 +255,8 @@ def load_study(
         The study.
 
     Raises:
-        ConfigurationError: When no study of that name exists; the message lists those that do.
+        ConfigurationError: When no study of that name exists; the message lists those that do
+            (a run's ``NAME.jobs`` and ``NAME.runs`` are left out: they go with ``NAME``).
     """
     if isinstance(storage, str):
         storage = resolve_storage_url(storage)
@@ -253,7 +266,9 @@ def load_study(
         )
     except KeyError:
         pass
-    names = sorted(optuna.get_all_study_names(storage))
+    every = set(optuna.get_all_study_names(storage))
+    # A run's job queue and run leases are listed under its own name only.
+    names = sorted(n for n in every if not any(n.endswith(s) and n[: -len(s)] in every for s in _HELPER_SUFFIXES))
     where = mask_url(storage) if isinstance(storage, str) else mask_url(str(getattr(storage, "url", storage)))
     existing = ", ".join(repr(n) for n in names) if names else "none"
     raise ConfigurationError(

@@ -22,7 +22,7 @@ import optuna
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError
-from stageopt.distributed import SharedBudgetLedger, check_shared, is_shared_storage, mask_url, open_storage
+from stageopt.distributed import RunLease, SharedBudgetLedger, check_shared, is_shared_storage, mask_url, open_storage
 from stageopt.evaluation import Budget, BudgetLedger, ExampleResult, MeteredLM, ModelPrice, Usage, evaluate
 from stageopt.proposers import (
     BaseDemoProposer,
@@ -207,7 +207,10 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         valset: list[dspy.Example] | None = None,
         **kwargs: Any,
     ) -> dspy.Module:
-        """Optimize a copy of ``student``; the result is in :attr:`result` afterwards."""
+        """Optimize a copy of ``student``; the result is in :attr:`result` afterwards.
+
+        On a shared storage, raises :class:`~stageopt.RunInProgressError` while another run of the study is live.
+        """
         if not trainset:
             raise ConfigurationError("`trainset` is empty: give at least one training example")
         program = student.deepcopy()
@@ -220,7 +223,23 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         from stageopt.distributed._worker import HEARTBEAT_S
 
         url = _storage_url(self.storage)
-        jobs_storage = open_storage(url, heartbeat_interval=HEARTBEAT_S) if url and is_shared_storage(url) else None
+        if url is None or not is_shared_storage(url):
+            return self._run(program, study, boot, val, task_lm, None)
+        jobs_storage = open_storage(url, heartbeat_interval=HEARTBEAT_S)
+        # One live run per shared study: a second one is refused here, before anything is proposed or scored.
+        with RunLease.open(url, study.study_name, strategy=self.strategy_name, heartbeat_s=HEARTBEAT_S):
+            return self._run(program, study, boot, val, task_lm, jobs_storage)
+
+    def _run(
+        self,
+        program: dspy.Module,
+        study: optuna.Study,
+        boot: list[dspy.Example],
+        val: list[dspy.Example],
+        task_lm: dspy.BaseLM,
+        jobs_storage: optuna.storages.RDBStorage | None,
+    ) -> dspy.Module:
+        """The rest of :meth:`compile`, once the study is open (and leased, on a shared storage)."""
         ledger: BudgetLedger
         if jobs_storage is not None:
             ledger = SharedBudgetLedger(jobs_storage, key=study.study_name, budget=self.budget)
