@@ -10,9 +10,13 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from benchmarks.delay_server import start_in_thread
 
+from stageopt.distributed import open_storage
+from tests.distributed._cluster import Cluster
 from tests.distributed._postgres import MISSING, cluster_parent, free_port, postgres_binaries, run_script
 
 
@@ -54,3 +58,14 @@ def pg_url(postgres_url: str) -> Iterator[str]:
     yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
     with contextlib.suppress(Exception):  # a leftover database in a throwaway cluster is harmless
         admin_sql(postgres_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def cluster(pg_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    server, base = start_in_thread(delay=0.05)
+    storage = open_storage(pg_url, heartbeat_interval=None)
+    started = Cluster(pg_url, tmp_path, server, base, storage)
+    try:
+        yield started
+    finally:
+        started.stop()

@@ -24,7 +24,6 @@ from typing import Any
 import dspy
 import optuna
 import pytest
-from benchmarks.delay_server import start_in_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from stageopt import ConfigurationError, RunInProgressError
@@ -33,8 +32,8 @@ from stageopt.lm import SmallLMAdapter
 from stageopt.strategies import RandomSearch
 from stageopt.strategies._state import RunState
 from tests.conftest import CapitalOfCity, capital_metric, city_examples, demo_sensitive_answer, scripted_lm
+from tests.distributed._cluster import HEARTBEAT_S, Cluster, Proc
 from tests.distributed._postgres import REPO
-from tests.distributed.test_workers import HEARTBEAT_S, Cluster, Proc
 
 #: ``python -c`` program that takes the lease of a study, says so, and holds it until killed.
 HOLDER = """
@@ -325,17 +324,6 @@ def _now() -> str:
 
 
 # ---- the CLI ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cluster(pg_url: str, tmp_path: Path) -> Iterator[Cluster]:
-    server, base = start_in_thread(delay=0.05)
-    storage = open_storage(pg_url, heartbeat_interval=None)
-    started = Cluster(pg_url, tmp_path, server, base, storage)
-    try:
-        yield started
-    finally:
-        started.stop()
 
 
 def _one_line_error(proc: Proc) -> str:
