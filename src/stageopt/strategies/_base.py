@@ -419,6 +419,27 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         if "space" in study.user_attrs:
             return SearchSpace.from_dict(study.user_attrs["space"], models=models)
         space = SearchSpace.initial(program, settings=self.settings, models=models)
+        notes = self.propose(program, space, study, boot, lm, ledger)
+        study.set_user_attr("space", space.to_dict())
+        study.set_user_attr("proposal_notes", _jsonable(notes))
+        study.set_user_attr("usage_after_proposals", ledger.usage().to_dict())
+        return space
+
+    def propose(
+        self,
+        program: dspy.Module,
+        space: SearchSpace,
+        study: optuna.Study,
+        boot: list[dspy.Example],
+        lm: MeteredLM,
+        ledger: BudgetLedger,
+    ) -> dict[str, Any]:
+        """Add proposed demo sets and instructions to ``space`` (a new run only); return the proposal notes.
+
+        The default bootstraps traces on ``boot`` and asks the demo and instruction proposers;
+        a strategy that learns something else from the traces overrides this (``study`` is there
+        for what it stores beside the space).
+        """
         prompt_lm = MeteredLM(self.prompt_lm, ledger) if self.prompt_lm is not None else lm
         notes: dict[str, Any] = {}
         try:
@@ -445,10 +466,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         for name, candidates in space.stages.items():
             candidates.demo_sets.extend(demos.get(name, []))
             candidates.instructions.extend(instructions.get(name, []))
-        study.set_user_attr("space", space.to_dict())
-        study.set_user_attr("proposal_notes", _jsonable(notes))
-        study.set_user_attr("usage_after_proposals", ledger.usage().to_dict())
-        return space
+        return notes
 
     def bootstrap_traces(
         self,

@@ -191,19 +191,16 @@ class SoftPrompt(BaseStageOptimizer):
         names = [name for name, _ in program.named_predictors()]
         return [n for n in names if self.stages is None or n in self.stages]
 
-    def load_or_propose(
+    def propose(
         self,
         program: dspy.Module,
+        space: SearchSpace,
         study: optuna.Study,
         boot: list[dspy.Example],
         lm: MeteredLM,
         ledger: BudgetLedger,
-    ) -> SearchSpace:
-        """Bootstrap traces on ``boot`` and store the training pairs; the space is the program as it is."""
-        models = {name: MeteredLM(model, ledger) for name, model in self.models.items()}
-        if "space" in study.user_attrs:
-            return SearchSpace.from_dict(study.user_attrs["space"], models=models)
-        space = SearchSpace.initial(program, settings=self.settings, models=models)
+    ) -> dict[str, Any]:
+        """Bootstrap traces on ``boot`` and store the training pairs; the space stays the program as it is."""
         adapter = self.adapter or dspy.settings.adapter
         assert isinstance(adapter, SmallLMAdapter)  # check_stages ran first
         try:
@@ -223,10 +220,7 @@ class SoftPrompt(BaseStageOptimizer):
             targets=self.targets,
         )
         study.set_user_attr(PAIRS_ATTR, found.to_dict())
-        study.set_user_attr("space", space.to_dict())
-        study.set_user_attr("proposal_notes", {"softprompt": found.summary()})
-        study.set_user_attr("usage_after_proposals", ledger.usage().to_dict())
-        return space
+        return {"softprompt": found.summary()}
 
     # ---- training ---------------------------------------------------------------------------
 
