@@ -26,7 +26,6 @@ import datetime
 import logging
 import os
 import socket
-import threading
 import time
 import warnings
 from typing import Any
@@ -36,6 +35,7 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
 from stageopt._errors import ConfigurationError, RunInProgressError
+from stageopt.distributed._queue import record_heartbeats
 from stageopt.distributed._storage import RUNS_SUFFIX, mask_url, open_storage
 
 logger = logging.getLogger(__name__)
@@ -100,8 +100,8 @@ class RunLease:
         self.number: int | None = None
         self._trial_id: int | None = None
         self._start = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._beating = contextlib.ExitStack()
+        self._warned = False
         self._owns_storage = False
 
     @classmethod
@@ -150,9 +150,10 @@ class RunLease:
         except BaseException:
             self._end(TrialState.FAIL, outcome="refused")
             raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"stageopt-run-lease-{self.number}", daemon=True)
-        self._thread.start()
+        what = f"the run lease of study {self.study_name!r}"
+        self._beating.enter_context(
+            record_heartbeats(self.storage, trial_id, what=what, name=f"run-lease-{self.number}", after=self._watch)
+        )
         logger.info("run lease %d of study %r taken (%s)", self.number, self.study_name, self.name)
 
     def _check(self) -> None:
@@ -220,33 +221,23 @@ class RunLease:
 
     # ---- holding and releasing -----------------------------------------------------------------
 
-    def _beat(self) -> None:
-        warned = False
-        while not self._stop.wait(self.interval):
-            assert self._trial_id is not None
-            try:
-                self.storage.record_heartbeat(self._trial_id)
-                state = self.storage.get_trial(self._trial_id).state
-            except Exception:  # the next beat retries; a lease silent too long goes stale
-                logger.warning("heartbeat of the run lease of study %r failed", self.study_name, exc_info=True)
-                continue
-            if state != TrialState.RUNNING and not warned:
-                warned = True
-                logger.error(
-                    "the run lease of study %r was failed as stale (no heartbeat for %.0f s): another run of the "
-                    "study may start now; make sure only one runs",
-                    self.study_name,
-                    self.grace_s,
-                )
+    def _watch(self) -> None:
+        """After a heartbeat: say once that the lease was failed as stale (another run may start now)."""
+        assert self._trial_id is not None
+        if not self._warned and self.storage.get_trial(self._trial_id).state != TrialState.RUNNING:
+            self._warned = True
+            logger.error(
+                "the run lease of study %r was failed as stale (no heartbeat for %.0f s): another run of the "
+                "study may start now; make sure only one runs",
+                self.study_name,
+                self.grace_s,
+            )
 
     def release(self, *, failed: bool = False) -> None:
         """End the lease: ``COMPLETE``, or ``FAIL`` when the run raised. Idempotent; never raises."""
         if self._trial_id is None:
             return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._beating.close()
         self._end(TrialState.FAIL if failed else TrialState.COMPLETE, outcome="failed" if failed else "completed")
 
     def _end(self, state: TrialState, *, outcome: str) -> None:

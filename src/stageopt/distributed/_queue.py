@@ -21,7 +21,7 @@ import logging
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,43 @@ logger = logging.getLogger(__name__)
 
 #: Suffix of the queue study's name.
 JOBS_SUFFIX = ".jobs"
+
+
+@contextlib.contextmanager
+def record_heartbeats(
+    storage: optuna.storages.RDBStorage,
+    trial_id: int,
+    *,
+    what: str,
+    name: str,
+    after: Callable[[], None] | None = None,
+) -> Iterator[None]:
+    """Record heartbeats of ``trial_id`` every heartbeat interval in a daemon thread while the block runs.
+
+    The first one is recorded at once. A failed beat is logged (``what`` names the trial) and the
+    next one retries: a trial silent past the grace period goes stale, as Optuna decides.
+    ``after`` runs after each recorded beat (e.g. to notice that the trial was failed as stale).
+    """
+    interval = storage.get_heartbeat_interval()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                storage.record_heartbeat(trial_id)
+                if after is not None:
+                    after()
+            except Exception:
+                logger.warning("heartbeat of %s failed", what, exc_info=True)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=beat, name=f"stageopt-heartbeat-{name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @dataclass(frozen=True)
@@ -236,23 +273,8 @@ class JobQueue:
             yield
             return
         assert isinstance(storage, optuna.storages.RDBStorage)
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.is_set():
-                try:
-                    storage.record_heartbeat(claimed.trial_id)
-                except Exception:  # the next beat retries; a dead database fails the job anyway
-                    logger.warning("heartbeat of job %s failed", claimed.job.id, exc_info=True)
-                stop.wait(interval)
-
-        thread = threading.Thread(target=beat, name=f"stageopt-heartbeat-{claimed.number}", daemon=True)
-        thread.start()
-        try:
+        with record_heartbeats(storage, claimed.trial_id, what=f"job {claimed.job.id}", name=f"{claimed.number}"):
             yield
-        finally:
-            stop.set()
-            thread.join()
 
     def complete(self, claimed: ClaimedJob, outcome: dict[str, Any]) -> None:
         """Store ``outcome`` and end the job: COMPLETE when it scored, FAIL otherwise."""
