@@ -110,6 +110,25 @@ def test_a_dead_job_without_a_retry_ends_as_an_error(storage: optuna.storages.RD
     assert "retry limit" in outcome["error"]
 
 
+def test_a_dead_job_waits_for_its_retry_to_be_enqueued(tmp_path: Path) -> None:
+    # Optuna fails every stale trial first and enqueues the retries after: a reader in between
+    # sees a dead copy and no retry. With retries on, that is not yet the retry limit.
+    storage = open_storage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, max_retry=1)
+    queue = JobQueue(storage, "study", retry_wait_s=0.5)
+    late, lost = _jobs(queue, 2)
+    for _ in range(2):
+        claimed = queue.claim()
+        assert claimed is not None
+        storage.set_trial_state_values(claimed.trial_id, state=TrialState.FAIL)  # failed as stale ...
+    assert queue.outcomes([late.id, lost.id]) == {}  # ... its retry may be on its way
+    queue.submit([late])  # the retry of one arrives
+    time.sleep(0.6)
+    ended = queue.outcomes([late.id, lost.id])
+    assert list(ended) == [lost.id]  # the other never came: the retry limit, after the wait
+    assert "retry limit" in ended[lost.id]["error"]
+    storage.engine.dispose()
+
+
 def test_a_stale_job_is_retried_under_the_same_id(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, max_retry=1)
     queue = JobQueue(storage, "study")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -103,6 +104,14 @@ class Job:
         return cls(str(data["id"]), str(data["key"]), data["config"], int(data["n"]))
 
 
+def _stale_trial_callback(storage: optuna.storages.BaseStorage) -> Any:
+    """The callback ``storage`` runs on a trial it failed as stale (a retry), None without one."""
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        return None
+    getter = getattr(storage, "get_heartbeat_stale_trial_callback", None) or storage.get_failed_trial_callback
+    return getter()
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     """A job this process claimed: its queue trial and what to run."""
@@ -121,11 +130,25 @@ class JobQueue:
         study_name: The run's study name.
         create: Create the queue study when missing (the run does); a worker passes False
             and gets a :class:`KeyError` for a study without a queue.
+        retry_wait_s: How long a job whose copy was failed as stale, with no retry of it in
+            sight, still counts as pending when the storage retries stale trials. Optuna fails
+            all stale trials first and enqueues their retries after; a reader between the two
+            would otherwise take a job about to be retried for one that reached the retry limit.
     """
 
-    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        storage: optuna.storages.BaseStorage,
+        study_name: str,
+        *,
+        create: bool = True,
+        retry_wait_s: float = 10.0,
+    ) -> None:
         self.storage = storage
         self.name = study_name + JOBS_SUFFIX
+        self.retry_wait_s = retry_wait_s
+        self._retries = _stale_trial_callback(storage) is not None
+        self._dead_since: dict[str, float] = {}  # job id -> when this process first saw it dead without a retry
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if create:
@@ -167,7 +190,9 @@ class JobQueue:
         A job ends when a copy of it completed (its ``outcome``) or failed with an outcome
         (budget, evaluation error). A copy failed because its worker died counts as ended only
         when no retry of it is waiting or running (the retry limit was reached): the outcome
-        then says so.
+        then says so. Where the storage retries stale trials, that verdict waits
+        :attr:`retry_wait_s` from the moment this process first saw the job so: the retry
+        is enqueued by whoever failed the copy, just after the failure.
         """
         wanted = set(ids)
         ended: dict[str, dict[str, Any]] = {}
@@ -184,12 +209,18 @@ class JobQueue:
                 alive.add(job["id"])
             elif trial.state == TrialState.FAIL:
                 dead[job["id"]] = dead.get(job["id"], 0) + 1
+        now = time.monotonic()
         for job_id, deaths in dead.items():
-            if job_id not in ended and job_id not in alive:
-                ended[job_id] = {
-                    "status": "error",
-                    "error": f"the job's worker died {deaths} time(s) and the retry limit was reached",
-                }
+            if job_id in ended or job_id in alive:
+                self._dead_since.pop(job_id, None)
+                continue
+            since = self._dead_since.setdefault(job_id, now)
+            if self._retries and now - since < self.retry_wait_s:
+                continue  # its retry may not be enqueued yet
+            ended[job_id] = {
+                "status": "error",
+                "error": f"the job's worker died {deaths} time(s) and the retry limit was reached",
+            }
         return ended
 
     def summary(self) -> dict[str, Any]:
