@@ -1,7 +1,8 @@
 """Search strategies across stages, all DSPy Teleprompters sharing one machinery."""
 
 from stageopt.strategies._allocation import BlameAllocation
-from stageopt.strategies._base import BaseStageOptimizer, check_metric
+from stageopt.strategies._base import BaseStageOptimizer
+from stageopt.strategies._checks import check_metric
 from stageopt.strategies._constraints import Limits, TrialMeasures, measure
 from stageopt.strategies._coordinate import CoordinateDescent
 from stageopt.strategies._evolutionary import Evolutionary

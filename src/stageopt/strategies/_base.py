@@ -9,7 +9,6 @@ attributes, each trial's configuration, score and cumulative usage in its user a
 from __future__ import annotations
 
 import abc
-import inspect
 import logging
 import random
 import warnings
@@ -31,7 +30,8 @@ from stageopt.proposers import (
     LMInstructionProposer,
     ProposalContext,
 )
-from stageopt.strategies._constraints import Limits, TrialMeasures, constraints_func
+from stageopt.strategies._checks import check_metric
+from stageopt.strategies._constraints import Limits, TrialMeasures, constraints_func, limits_note
 from stageopt.strategies._result import OptimizationResult, TrialRecord
 from stageopt.strategies._space import SearchSpace, config_key, validate_models, validate_settings
 from stageopt.strategies._state import RunState, StopSearch
@@ -43,26 +43,6 @@ ExampleMetric = Callable[[dspy.Example, dspy.Prediction], float]
 
 #: An Optuna study direction.
 Direction = Literal["minimize", "maximize"]
-
-
-def check_metric(metric: Callable[..., float]) -> None:
-    """Raise a clear error unless ``metric(example, prediction)`` is a valid call."""
-    if not callable(metric):
-        raise TypeError(f"`metric` must be callable, got {metric!r}")
-    try:
-        inspect.signature(metric).bind(dspy.Example(), dspy.Prediction())
-    except TypeError as exc:
-        raise TypeError(f"`metric` must accept (example, prediction, trace=None) like a DSPy metric: {exc}") from exc
-    except ValueError:  # builtins without a signature: accept
-        pass
-
-
-def check_early_stopping(patience: int | None, min_delta: float) -> None:
-    """Raise a clear error for bad early-stopping settings (shared by the strategies)."""
-    if patience is not None and patience < 1:
-        raise ConfigurationError(f"`patience` must be >= 1 or None (no early stopping), got {patience=}")
-    if min_delta < 0:
-        raise ConfigurationError(f"`min_delta` must be >= 0, got {min_delta=}")
 
 
 class BaseStageOptimizer(Teleprompter, abc.ABC):
@@ -554,7 +534,11 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 for name, c in state.space.stages.items()
             },
             notes={
-                **({"limits": limits_note(state, self.limits)} if self.limits is not None else {}),
+                **(
+                    {"limits": limits_note(self.limits, state.records, state.full_fidelity)}
+                    if self.limits is not None
+                    else {}
+                ),
                 "proposals": state.study.user_attrs.get("proposal_notes", {}),
                 **{k: v for k, v in state.notes.items() if k != "stopping_checks"},
                 "stopping": self.stopping_note(state, status, reason),
@@ -605,13 +589,6 @@ def _storage_url(storage: str | optuna.storages.BaseStorage | None) -> str | Non
         return storage
     url = getattr(storage, "url", None)
     return url if isinstance(url, str) else None
-
-
-def limits_note(state: RunState, limits: Limits) -> dict[str, Any]:
-    """``notes["limits"]`` of a result: the limits and how many full-fidelity trials met them."""
-    full = [r for r in state.records if r.fidelity == state.full_fidelity and r.variant is None]
-    note = {**limits.to_dict(), "full_trials": len(full), "feasible_trials": sum(r.feasible for r in full)}
-    return dict(_jsonable(note))
 
 
 def _jsonable(value: Any) -> Any:

@@ -31,6 +31,7 @@ from stageopt.evaluation import ModelPrice, PriceTable, call_cost
 
 if TYPE_CHECKING:
     from stageopt.evaluation import ExampleResult
+    from stageopt.strategies._result import TrialRecord
 
 #: Key of ``Limits.max_prompt_tokens`` that applies to every stage not named.
 ANY_STAGE = "*"
@@ -328,3 +329,9 @@ def constraints_func(limits: Limits | None) -> Callable[[optuna.trial.FrozenTria
 
 def _stored_constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
     return [float(v) for v in trial.user_attrs.get(CONSTRAINTS_ATTR, [])]
+
+
+def limits_note(limits: Limits, records: Sequence[TrialRecord], full_fidelity: int) -> dict[str, Any]:
+    """``notes["limits"]`` of a result: the limits and how many full-fidelity trials met them."""
+    full = [r for r in records if r.fidelity == full_fidelity and r.variant is None]
+    return {**limits.to_dict(), "full_trials": len(full), "feasible_trials": sum(r.feasible for r in full)}

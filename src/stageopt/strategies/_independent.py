@@ -13,7 +13,8 @@ from typing import Any
 import optuna
 
 from stageopt._errors import ConfigurationError
-from stageopt.strategies._base import BaseStageOptimizer, check_early_stopping
+from stageopt.strategies._base import BaseStageOptimizer
+from stageopt.strategies._checks import check_early_stopping
 from stageopt.strategies._coordinate import MAX_ATTEMPTS_PER_TRIAL
 from stageopt.strategies._result import TrialRecord
 from stageopt.strategies._space import Config, config_from_params, config_key

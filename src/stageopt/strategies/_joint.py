@@ -8,7 +8,8 @@ from typing import Any
 import optuna
 
 from stageopt._errors import ConfigurationError
-from stageopt.strategies._base import BaseStageOptimizer, RunState, check_early_stopping
+from stageopt.strategies._base import BaseStageOptimizer, RunState
+from stageopt.strategies._checks import check_early_stopping
 from stageopt.strategies._state import TrialRequest
 
 #: Sampled configurations per counted (not previously scored) trial before a loop gives up.

@@ -12,7 +12,8 @@ import dspy
 import optuna
 
 from stageopt._errors import ConfigurationError
-from stageopt.strategies._base import BaseStageOptimizer, RunState, StopSearch, check_early_stopping
+from stageopt.strategies._base import BaseStageOptimizer, RunState, StopSearch
+from stageopt.strategies._checks import check_early_stopping
 from stageopt.strategies._result import TrialRecord
 from stageopt.strategies._space import Config, config_from_params, config_key, param_name
 

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from stageopt._errors import ConfigurationError
-from stageopt.strategies._base import BaseStageOptimizer, RunState, check_early_stopping
+from stageopt.strategies._base import BaseStageOptimizer, RunState
+from stageopt.strategies._checks import check_early_stopping
 from stageopt.strategies._multifidelity import _check_fidelities
 from stageopt.strategies._space import STRUCTURE, Config, SearchSpace, config_key
 from stageopt.strategies._warmstart import warm_configs

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stageopt._errors import ConfigurationError
-from stageopt.strategies._base import check_early_stopping
+from stageopt.strategies._checks import check_early_stopping
 
 #: The torch optimizers a schedule may name.
 OPTIMIZERS = ("adamw", "sgd")
