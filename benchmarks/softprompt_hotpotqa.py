@@ -15,7 +15,10 @@ validation examples (from train), on the embedded Gemma 3 270M, with DSPy's resp
 
 Each returned program is then scored with ``stageopt eval`` on the first ``n-dev`` dev examples:
 F1, and the answer stage's mean prompt tokens per call (the length a soft prompt saves when it
-replaces demos). Writes ``OUT/summary.json`` and prints a Markdown table. Selection never sees dev.
+replaces demos). Arms are named ``discrete``/``softprompt-METHOD`` (``-seedN`` for seeds other
+than 0); an arm whose run directory exists is not run again, and ``OUT/summary.json`` keeps the
+arms of earlier commands with other methods or seeds. Prints a Markdown table. Selection never
+sees dev.
 """
 
 from __future__ import annotations
@@ -82,10 +85,13 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     start = time.monotonic()
+    summary_path = out / "summary.json"
+    earlier = json.loads(summary_path.read_text()).get("runs", {}) if summary_path.exists() else {}
+    suffix = f"-seed{args.seed}" if args.seed else ""  # seed 0's runs were named before seeds were
     rows = {
-        "discrete": arm("discrete", ["--strategy", "coordinate"], args, out),
-        "softprompt": arm(
-            f"softprompt-{args.method}",
+        f"discrete{suffix}": arm(f"discrete{suffix}", ["--strategy", "coordinate"], args, out),
+        f"softprompt-{args.method}{suffix}": arm(
+            f"softprompt-{args.method}{suffix}",
             [
                 "--strategy",
                 "softprompt",
@@ -100,9 +106,10 @@ def main() -> None:
             out,
         ),
     }
+    rows = {**{k: v for k, v in earlier.items() if k not in rows}, **rows}  # other methods' and seeds' arms stay
     summary = {"settings": vars(args), "runs": rows, "wall_s": round(time.monotonic() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary_path.write_text(json.dumps(summary, indent=2))
     print("| arm | optimize s | val baseline → best | dev F1 (95% CI) | answer prompt tokens/call | answer s/call |")
     print("|---|---|---|---|---|---|")
     for name, row in rows.items():
