@@ -45,6 +45,19 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"stageopt {cmd[0]} failed with exit code {code}")
 
 
+def run_summary(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run directory's ``result.json``, and the fields of it that every arm's row reports."""
+    result = json.loads((run_dir / "result.json").read_text())
+    return result, {
+        "run_dir": str(run_dir),
+        "status": result["status"],
+        "optimize_wall_s": result["usage"]["wall_s"],
+        "lm_calls": result["usage"]["lm_calls"],
+        "validation_baseline": result["baseline"]["score"],
+        "validation_best": result["best"]["score"] if result["best"] else None,
+    }
+
+
 def score_on_dev(run_dir: Path, n_dev: int) -> dict[str, Any]:
     """The run's program scored on the first ``n_dev`` dev examples (``RUN_DIR/dev.json``, made once)."""
     dev = run_dir / "dev.json"

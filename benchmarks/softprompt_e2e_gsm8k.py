@@ -37,6 +37,7 @@ from typing import Any
 
 import dspy
 
+from benchmarks.blame_hotpotqa import run_summary
 from stageopt.cli._routing import load_program, save_program
 from stageopt.evaluation import Budget, evaluate
 from stageopt.lm import default_adapter, resolve_lm
@@ -118,13 +119,10 @@ def arm(name: str, end_to_end: bool, args: argparse.Namespace, out: Path) -> dic
         run_dir.mkdir(parents=True, exist_ok=True)
         save_program(program, run_dir / "program.json", {})
         (run_dir / "result.json").write_text(json.dumps(optimizer.result.to_dict(), indent=2))
-    result = json.loads((run_dir / "result.json").read_text())
+    result, row = run_summary(run_dir)
     note = result["notes"]["softprompt"]
     return {
-        "run_dir": str(run_dir),
-        "status": result["status"],
-        "optimize_wall_s": result["usage"]["wall_s"],
-        "lm_calls": result["usage"]["lm_calls"],
+        **row,
         "trained": note["trained"],
         "returned": note.get("returned"),
         "pairs": note.get("pairs"),
@@ -133,8 +131,6 @@ def arm(name: str, end_to_end: bool, args: argparse.Namespace, out: Path) -> dic
             {k: e[k] for k in ("epoch", "train_loss", "val_score", "forward_passes", "train_s", "wall_s")}
             for e in note["epochs"]
         ],
-        "validation_baseline": result["baseline"]["score"],
-        "validation_best": result["best"]["score"] if result["best"] else None,
         **summarize(score_on_dev(run_dir / "program.json", run_dir / "dev.json", args.n_dev, args.seed)),
     }
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.blame_hotpotqa import run, score_on_dev
+from benchmarks.blame_hotpotqa import run, run_summary, score_on_dev
 
 
 def arm(name: str, extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -56,15 +56,10 @@ def arm(name: str, extra: list[str], args: argparse.Namespace, out: Path) -> dic
             ]
         )
     report = score_on_dev(run_dir, args.n_dev)
-    result = json.loads((run_dir / "result.json").read_text())
+    result, row = run_summary(run_dir)
     answer = report["stages"]["answer"]
     return {
-        "run_dir": str(run_dir),
-        "status": result["status"],
-        "optimize_wall_s": result["usage"]["wall_s"],
-        "lm_calls": result["usage"]["lm_calls"],
-        "validation_baseline": result["baseline"]["score"],
-        "validation_best": result["best"]["score"],
+        **row,
         "dev_f1": report["score"],
         "dev_ci95": report["ci95"],
         "answer_prompt_tokens": answer["mean_prompt_tokens"],
