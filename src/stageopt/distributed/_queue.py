@@ -104,12 +104,12 @@ class Job:
         return cls(str(data["id"]), str(data["key"]), data["config"], int(data["n"]))
 
 
-def _stale_trial_callback(storage: optuna.storages.BaseStorage) -> Any:
-    """The callback ``storage`` runs on a trial it failed as stale (a retry), None without one."""
+def _retries_stale_trials(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether ``storage`` runs a callback (a retry) on each trial it fails as stale."""
     if not isinstance(storage, optuna.storages.RDBStorage):
-        return None
+        return False
     getter = getattr(storage, "get_heartbeat_stale_trial_callback", None) or storage.get_failed_trial_callback
-    return getter()
+    return getter() is not None
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class JobQueue:
         self.storage = storage
         self.name = study_name + JOBS_SUFFIX
         self.retry_wait_s = retry_wait_s
-        self._retries = _stale_trial_callback(storage) is not None
+        self._retries = _retries_stale_trials(storage)
         self._dead_since: dict[str, float] = {}  # job id -> when this process first saw it dead without a retry
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
