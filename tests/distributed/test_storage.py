@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -187,3 +188,30 @@ def test_load_study_loads_or_lists_the_existing_names(pg_url: str) -> None:
 def test_load_study_in_an_empty_storage_says_none(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"studies there: none"):
         load_study(open_storage(f"sqlite:///{tmp_path / 'e.db'}"), "run")
+
+
+def test_processes_opening_a_new_database_at_once_all_get_the_storage(pg_url: str) -> None:
+    # PostgreSQL's CREATE TABLE IF NOT EXISTS is not atomic: two sessions creating Optuna's tables
+    # at the same moment can both pass the check, and the loser gets a unique violation on the
+    # catalog (pg_type_typname_nsp_index). A run and its workers starting together do exactly that.
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+    opened: list[optuna.storages.RDBStorage] = []
+
+    def open_at_once() -> None:
+        barrier.wait()
+        try:
+            opened.append(open_storage(pg_url, pool_size=1, heartbeat_interval=None))
+        except BaseException as exc:  # collected and shown below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_at_once) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [], [str(e) for e in errors]
+    assert len(opened) == 6
+    assert optuna.get_all_study_names(opened[0]) == []
+    for storage in opened:
+        storage.engine.dispose()

@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import logging
 import re
+import time
 import warnings
 from typing import Any
 
@@ -130,6 +131,34 @@ def _stale_trial_callback(max_retry: int | None) -> Any:
     return cls(max_retry=max_retry)
 
 
+#: SQLSTATEs of a schema object another session created at the same moment: unique violation (in
+#: the catalog: ``CREATE TABLE IF NOT EXISTS`` is not atomic), duplicate table, duplicate object.
+_CONCURRENT_DDL = frozenset({"23505", "42P07", "42710"})
+
+#: How often a storage is tried when its tables were being created by another process.
+_DDL_TRIES = 5
+
+
+def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """Optuna's storage at ``url``; tried again when another process created its tables at the same moment.
+
+    Processes that open a new database together (a run and its workers) all create Optuna's
+    tables; in PostgreSQL the losers of that race get a unique violation. The winner's tables
+    exist by the next try, which then only checks them.
+    """
+    attempt = 1
+    while True:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except sqlalchemy.exc.DBAPIError as exc:
+            state = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+            if state not in _CONCURRENT_DDL or attempt == _DDL_TRIES:
+                raise
+            logger.info("another process was creating the storage's tables (%s); trying again", _one_line(exc))
+            time.sleep(0.2 * attempt)
+            attempt += 1
+
+
 def _engine_kwargs(url: str, *, pool_size: int, max_overflow: int) -> dict[str, Any]:
     """Pool settings for a server database; SQLite and in-memory storages take none."""
     if not is_shared_storage(url):
@@ -209,8 +238,8 @@ def open_storage(
             )
             kwargs[name] = callback
         try:
-            storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=_engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow), **kwargs
+            storage = _create_rdb_storage(
+                url, _engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow), kwargs
             )
         except ImportError as exc:
             cause = exc.__cause__ or exc
