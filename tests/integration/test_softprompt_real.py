@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
+import dspy
 import torch
 
 from stageopt.cli._routing import load_program, save_program
@@ -31,9 +33,10 @@ pytestmark = pytest.mark.integration
 BUDGET = 60
 
 
-def test_softprompt_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path: Path) -> None:
+def _answer_stage_optimizer(gemma: LocalLM, tmp_path: Path, **settings: Any) -> SoftPrompt:
+    """SoftPrompt on HotpotQA's answer stage for one epoch, batches of two."""
     task = get_task("hotpotqa")
-    optimizer = SoftPrompt(
+    return SoftPrompt(
         task.metric,
         budget=BUDGET,
         lm=gemma,
@@ -42,9 +45,38 @@ def test_softprompt_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path
         stages=["answer"],
         schedule=TrainingSchedule(epochs=1, batch_size=2),
         bootstrap_size=2,
-        val_size=2,
         run_dir=tmp_path / "run",
+        **settings,
     )
+
+
+def _saved_and_loaded(trained: dspy.Module, gemma: LocalLM, tmp_path: Path) -> dspy.Module:
+    """``trained`` saved and loaded again; its answer stage's tensors and answers must be the same."""
+    path = tmp_path / "program.json"
+    save_program(trained, path, {})
+    assert (tmp_path / "softprompt.safetensors").is_file()
+    loaded = get_task("hotpotqa").program()
+    load_program(loaded, path, lm_name="gemma3-270m", lm=gemma, resolve=lambda name: gemma)
+    assert set(torch_stages(loaded)) == {"answer"}
+    # The same prompt gives the same answer from the saved and the loaded stage (comparing whole
+    # programs would also compare the llama.cpp query stages, whose prefix cache may shift logits).
+    saved_lm, loaded_lm = trained.answer.lm, loaded.answer.lm
+    assert isinstance(saved_lm, TorchLM)
+    assert isinstance(loaded_lm, TorchLM)
+    saved_state, loaded_state = saved_lm.torch_engine.state, loaded_lm.torch_engine.state
+    assert loaded_state is not None
+    assert type(loaded_state) is type(saved_state)
+    saved = saved_state.state_dict()
+    for key, tensor in loaded_state.state_dict().items():
+        assert torch.equal(tensor, saved[key])
+    messages = [{"role": "user", "content": "Question: Which city is the capital of France?\nAnswer:"}]
+    assert loaded_lm(messages=messages) == saved_lm(messages=messages)
+    return loaded
+
+
+def test_softprompt_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path: Path) -> None:
+    task = get_task("hotpotqa")
+    optimizer = _answer_stage_optimizer(gemma, tmp_path, val_size=2)
     program = optimizer.compile(task.program(), trainset=task.load("train", n=4))
     result = optimizer.result
     assert result is not None
@@ -77,24 +109,8 @@ def test_softprompt_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path
     dev = task.load("dev", n=1)
     before = evaluate(trained, dev, task.metric, lm=gemma, adapter=SmallLMAdapter())
     assert [c.model for c in before.examples[0].calls][-1] == "torch/gemma3-270m"
-    path = tmp_path / "program.json"
-    save_program(trained, path, {})
-    assert (tmp_path / "softprompt.safetensors").is_file()
-    loaded = task.program()
-    load_program(loaded, path, lm_name="gemma3-270m", lm=gemma, resolve=lambda name: gemma)
-    assert set(torch_stages(loaded)) == {"answer"}
+    loaded = _saved_and_loaded(trained, gemma, tmp_path)
     after = evaluate(loaded, dev, task.metric, lm=gemma, adapter=SmallLMAdapter())
-    # The same prompt gives the same answer from the saved and the loaded stage (comparing whole
-    # programs would also compare the llama.cpp query stages, whose prefix cache may shift logits).
-    saved_state = answer_lm.torch_engine.state.state_dict()
-    loaded_lm = loaded.answer.lm
-    assert isinstance(loaded_lm, TorchLM)
-    loaded_state = loaded_lm.torch_engine.state
-    assert loaded_state is not None
-    for key, tensor in loaded_state.state_dict().items():
-        assert torch.equal(tensor, saved_state[key])
-    messages = [{"role": "user", "content": "Question: Which city is the capital of France?\nAnswer:"}]
-    assert loaded_lm(messages=messages) == answer_lm(messages=messages)
     assert [c.model for c in after.examples[0].calls][-1] == "torch/gemma3-270m"
     # the returned program is either the original one or the trained stage, as validation decided
     returned = torch_stages(program)
@@ -104,19 +120,7 @@ def test_softprompt_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path
 def test_lora_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path: Path) -> None:
     """The LoRA method on the real model: one epoch moves the adapter, which survives save -> load."""
     task = get_task("hotpotqa")
-    optimizer = SoftPrompt(
-        task.metric,
-        budget=BUDGET,
-        lm=gemma,
-        adapter=SmallLMAdapter(),
-        stage_metrics=task.stage_metrics(),
-        stages=["answer"],
-        method="lora",
-        schedule=TrainingSchedule(epochs=1, batch_size=2),
-        bootstrap_size=2,
-        val_size=1,
-        run_dir=tmp_path / "run",
-    )
+    optimizer = _answer_stage_optimizer(gemma, tmp_path, method="lora", val_size=1)
     optimizer.compile(task.program(), trainset=task.load("train", n=3))
     result = optimizer.result
     assert result is not None
@@ -138,16 +142,4 @@ def test_lora_trains_the_answer_stage_of_hotpotqa(gemma: LocalLM, tmp_path: Path
     lora_b = [t for k, t in state.state_dict().items() if "lora_B" in k]
     assert lora_b
     assert any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: training moved it
-    path = tmp_path / "program.json"
-    save_program(trained, path, {})
-    loaded = task.program()
-    load_program(loaded, path, lm_name="gemma3-270m", lm=gemma, resolve=lambda name: gemma)
-    loaded_lm = loaded.answer.lm
-    assert isinstance(loaded_lm, TorchLM)
-    loaded_state = loaded_lm.torch_engine.state
-    assert isinstance(loaded_state, LoraState)
-    saved = state.state_dict()
-    for key, tensor in loaded_state.state_dict().items():
-        assert torch.equal(tensor, saved[key])
-    messages = [{"role": "user", "content": "Question: Which city is the capital of France?\nAnswer:"}]
-    assert loaded_lm(messages=messages) == answer_lm(messages=messages)
+    _saved_and_loaded(trained, gemma, tmp_path)
