@@ -17,18 +17,29 @@ Layout (one user message, sent as a raw completion prompt by the embedded engine
 The prompt ends with the first output field's label, so the model only has to continue with
 the value. Stop sequences end the completion at the next block; parsing tolerates near-miss
 field markers (``**Answer**:``, ``[[ ## answer ## ]]``, different case) and trailing text.
+
+Typed output fields (``list[str]``, ``int``, ``Literal[...]``, a pydantic model, ...) get a layout a
+small model can follow and come back as their annotated type, converted by DSPy's own
+``parse_value``; see :class:`SmallLMAdapter`. Signatures whose fields are all ``str`` render exactly
+as they did before typed fields were supported.
 """
 
 from __future__ import annotations
 
 import contextvars
+import enum
+import json
 import logging
 import re
 import threading
-from collections.abc import Callable
-from typing import Any
+import types
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Any, Literal, Union, get_args, get_origin
 
 import dspy
+import pydantic
+from dspy.adapters.utils import parse_value, serialize_for_json
 from dspy.signatures.signature import Signature
 
 from stageopt._errors import ConfigurationError
@@ -37,8 +48,14 @@ logger = logging.getLogger(__name__)
 
 SEPARATOR = "---"
 
-#: Output fields whose values may span lines; every other output field is cut at its first line.
+#: Output fields whose values may span lines whatever their type; list, dict and pydantic-model
+#: fields span lines too (see :func:`_is_multiline`). Every other output field is cut at its first line.
 MULTILINE_FIELDS = frozenset({"reasoning", "rationale", "code", "solution", "plan", "steps"})
+
+#: The marker a list item may start with: ``- a``, ``* a``, ``• a``, ``1. a``, ``2) a``.
+_BULLET = re.compile(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])(?:\s+|$)")
+#: DSPy's end-of-output marker, which chat-tuned models and DSPy's DummyLM may write.
+_COMPLETED = re.compile(r"^[ \t]*\[\[ *## *completed *## *\]\]", re.IGNORECASE | re.MULTILINE)
 
 #: Called with (signature, ok) after every parse; the evaluation engine installs one per example.
 ParseListener = Callable[[type[Signature], bool], None]
@@ -84,6 +101,26 @@ class SmallLMAdapter(dspy.Adapter):
     (e.g. an empty completion, or a chain-of-thought that never reached ``Answer:``) the value is
     salvaged (empty string, or the last line of the text) and the parse counts as a failure:
     :attr:`parse_failures` and the active parse listener (the evaluation's per-stage trace) see it.
+
+    Typed fields: an output field annotated with anything but ``str`` comes back as that type,
+    converted by DSPy's own ``dspy.adapters.utils.parse_value`` (JSON and Python literals, pydantic's
+    lax coercion: ``"5"`` -> ``5``, ``"yes"`` -> ``True``). The layouts a small model is shown, in
+    demos, inputs and a one-line hint per typed output field under the instruction:
+
+    - lists (``list[str]``, ``list[int]``, sets, tuples): one item per line, ``- item``; ``- a``,
+      ``1. a``, unmarked lines and a JSON list all parse, and prose around a marked list is dropped;
+    - ``int`` / ``float``: a bare number; ``bool``: ``yes`` or ``no``;
+    - ``Literal[...]`` / ``Enum``: one of the options, matched without regard to case, quotes or a
+      trailing full stop;
+    - pydantic models and dicts: a JSON object.
+
+    Lists, dicts and models may span lines (:func:`_is_multiline`). A value that does not convert
+    (an ``int`` field reading ``about five``) does not raise, unlike DSPy's own adapters: the parse
+    counts as a failure, so the evaluation records it, and the field keeps a salvaged value so the
+    program can go on: a list field is always a list (its items as strings when they do not convert,
+    ``[]`` when the field is missing), any other field keeps the text the model wrote. Fields
+    annotated ``str`` (``str | None``, ``Any``) are returned as text, and a signature whose fields are all
+    text renders byte for byte as it did before typed fields were supported.
     """
 
     def __init__(self, *, max_demo_chars: int | None = None, callbacks: list[Any] | None = None) -> None:
@@ -102,39 +139,46 @@ class SmallLMAdapter(dspy.Adapter):
     ) -> list[dict[str, Any]]:
         """Render one raw-completion prompt as a single user message."""
         blocks = []
-        instruction = (signature.instructions or "").strip()
+        instruction = "\n\n".join(part for part in (signature.instructions or "", _format_hints(signature)) if part)
+        instruction = instruction.strip()
         if instruction:
             blocks.append(instruction)
         for demo in demos:
             rendered = self._format_demo(signature, demo)
             if rendered:
                 blocks.append(rendered)
-        current = [self._field_line(name, inputs.get(name)) for name in signature.input_fields]
+        current = [
+            self._field_line(name, inputs.get(name), field.annotation) for name, field in signature.input_fields.items()
+        ]
         first_output = next(iter(signature.output_fields))
         current.append(f"{label(first_output)}:")
         blocks.append("\n".join(current))
         return [{"role": "user", "content": f"\n\n{SEPARATOR}\n\n".join(blocks)}]
 
     def _format_demo(self, signature: type[Signature], demo: dict[str, Any]) -> str | None:
-        names = [*signature.input_fields, *signature.output_fields]
+        fields = {**signature.input_fields, **signature.output_fields}
         # A demo is shown only when it is complete: partial demos confuse small models.
-        if any(demo.get(name) in (None, "") for name in names):
+        if any(demo.get(name) in (None, "") for name in fields):
             return None
-        return "\n".join(self._field_line(name, demo[name], demo=True) for name in names)
+        return "\n".join(
+            self._field_line(name, demo[name], field.annotation, demo=True) for name, field in fields.items()
+        )
 
-    def _field_line(self, name: str, value: Any, *, demo: bool = False) -> str:
-        text = _stringify(value)
+    def _field_line(self, name: str, value: Any, annotation: Any = str, *, demo: bool = False) -> str:
+        text = _render_value(value, annotation)
         if demo and self.max_demo_chars is not None and len(text) > self.max_demo_chars:
             text = text[: self.max_demo_chars].rstrip() + " ..."
-        separator = "\n" if "\n" in text else " "
+        # A non-empty list starts on the line below its label, even with a single item.
+        multiline = "\n" in text or (_list_args(annotation) is not None and bool(value) and not isinstance(value, str))
+        separator = "\n" if multiline else " "
         return f"{label(name)}:{separator}{text}"
 
     def stop_sequences(self, signature: type[Signature]) -> list[str]:
         """Where a completion must end: the next block, an echoed input field, or end of line."""
         stops = [f"\n{SEPARATOR}", "\n\n\n"]
         stops += [f"\n{label(name)}:" for name in signature.input_fields]
-        outputs = list(signature.output_fields)
-        if len(outputs) == 1 and outputs[0] not in MULTILINE_FIELDS:
+        outputs = list(signature.output_fields.items())
+        if len(outputs) == 1 and not _is_multiline(*outputs[0]):
             stops.append("\n")
         return _cap(stops)
 
@@ -171,8 +215,10 @@ class SmallLMAdapter(dspy.Adapter):
     # ---- parsing ----------------------------------------------------------------------------
 
     def parse(self, signature: type[Signature], completion: str) -> dict[str, Any]:
-        """Split ``completion`` into the output fields; see the class docstring for the policy."""
-        values, ok = parse_completion(signature, completion or "")
+        """Split ``completion`` into the output fields and convert typed ones; see the class docstring."""
+        texts, found = parse_completion(signature, completion or "")
+        values, converted = convert_fields(signature, texts)
+        ok = found and converted
         with self._lock:
             self.parses += 1
             self.parse_failures += 0 if ok else 1
@@ -180,7 +226,7 @@ class SmallLMAdapter(dspy.Adapter):
         if listener is not None:
             listener(signature, ok)
         if not ok:
-            logger.debug("salvaged unparsable completion %r for %s", completion[:200], list(values))
+            logger.debug("salvaged unparsable completion %r for %s", (completion or "")[:200], list(values))
         return values
 
 
@@ -193,11 +239,13 @@ def _cap(stops: list[str]) -> list[str]:
 
 
 def parse_completion(signature: type[Signature], completion: str) -> tuple[dict[str, Any], bool]:
-    """Parse a completion that continues after the first output field's label.
+    """Split a completion that continues after the first output field's label into field texts.
 
+    Values are strings, not yet converted to the fields' types (:func:`convert_fields` does that).
     Returns the field values and whether every field was found with a non-empty value.
     """
-    outputs = list(signature.output_fields)
+    fields = signature.output_fields
+    outputs = list(fields)
     text = completion.replace("\r\n", "\n")
     # The model may echo the first label ("Answer: Paris"): drop it.
     echoed = _marker(outputs[0]).match(text.lstrip())
@@ -219,21 +267,212 @@ def parse_completion(signature: type[Signature], completion: str) -> tuple[dict[
     values: dict[str, Any] = {}
     for i, (name, start, _) in enumerate(spans):
         end = spans[i + 1][2] if i + 1 < len(spans) else len(text)
-        values[name] = _clean(name, text[start:end])
+        values[name] = _clean(name, text[start:end], fields[name].annotation)
     ok = all(values.get(name) for name in outputs)
     if not ok:
         fallback = _last_line(text)
         for name in outputs:
             if not values.get(name):
-                values[name] = fallback if name == outputs[-1] else values.get(name, "")
+                # A list, dict or model is not salvaged from a stray line: it stays empty.
+                salvage = name == outputs[-1] and not _is_structured(fields[name].annotation)
+                values[name] = fallback if salvage else values.get(name, "")
     return values, ok
 
 
-def _clean(name: str, value: str) -> str:
+def convert_fields(signature: type[Signature], texts: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Convert the field texts of :func:`parse_completion` to the output fields' annotated types.
+
+    Returns the values and whether every typed value converted; see :class:`SmallLMAdapter` for the
+    layouts accepted and the salvaged value of a field that does not convert.
+    """
+    values: dict[str, Any] = {}
+    ok = True
+    for name, field in signature.output_fields.items():
+        text = texts.get(name, "")
+        try:
+            values[name] = _convert_value(text, field.annotation)
+        except (ValueError, TypeError) as exc:  # pydantic.ValidationError is a ValueError
+            ok = False
+            values[name] = _salvage(text, field.annotation)
+            logger.debug("field %r: %r is not a %s: %s", name, text[:80], field.annotation, exc)
+    return values, ok
+
+
+def _convert_value(text: str, annotation: Any) -> Any:
+    """One field's text as ``annotation``, through DSPy's ``parse_value`` after the layout is undone.
+
+    Raises:
+        ValueError: The text does not convert (pydantic's ``ValidationError`` is one).
+    """
+    if _is_text(annotation):
+        return text
+    inner = _strip_optional(annotation)
+    item_type = _list_args(inner)
+    if item_type is not None:
+        if not text.strip():
+            raise ValueError("a list field with no items")
+        if text.lstrip().startswith("["):
+            return parse_value(text, annotation)
+        items = _list_items(text)
+        if item_type is not Any and not _is_text(item_type):
+            items = [_convert_value(item, item_type) for item in items]
+        return parse_value(items, annotation)
+    if get_origin(inner) is Literal or isinstance(inner, enum.EnumMeta):
+        text = _option(text, inner)
+    return parse_value(text, annotation)
+
+
+def _format_hints(signature: type[Signature]) -> str:
+    """One line per typed output field saying how to write it; empty when every output is text."""
+    lines = []
+    for name, field in signature.output_fields.items():
+        hint = _type_hint(field.annotation)
+        if hint:
+            lines.append(f"Write {label(name)} as {hint}.")
+    return "\n".join(lines)
+
+
+def _type_hint(annotation: Any) -> str | None:
+    """How a value of ``annotation`` is written in this layout (None for text)."""
+    if _is_text(annotation):
+        return None
+    inner = _strip_optional(annotation)
+    if _list_args(inner) is not None:
+        return "one item per line, each starting with '- '"
+    if inner is bool:
+        return "yes or no"
+    if inner is int:
+        return "an integer"
+    if inner is float:
+        return "a number"
+    options = _options(inner)
+    if options is not None:
+        return "one of: " + ", ".join(options)
+    if _is_model(inner):
+        keys = ", ".join(f'"{key}"' for key in inner.model_fields)
+        return f"a JSON object with the keys {keys}" if keys else "a JSON object"
+    if inner is dict or get_origin(inner) is dict:
+        return "a JSON object"
+    return None
+
+
+def _render_value(value: Any, annotation: Any = str) -> str:
+    """A field value as the prompt shows it: text fields as before, typed fields in their layout."""
+    if _is_text(annotation) or value is None:
+        return _stringify(value)
+    inner = _strip_optional(annotation)
+    if _list_args(inner) is not None and isinstance(value, list | tuple | set | frozenset):
+        items = [_render_item(item) for item in value]
+        return "\n".join(f"- {item}" for item in items) if items else "[]"
+    return _render_item(value)
+
+
+def _is_multiline(name: str, field: Any) -> bool:
+    """Whether output field ``name`` (a DSPy ``FieldInfo``) may span lines: by name, or as a list/dict/model."""
+    return name in MULTILINE_FIELDS or _is_structured(getattr(field, "annotation", str))
+
+
+def _render_item(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, pydantic.BaseModel | dict | list | tuple):
+        return json.dumps(serialize_for_json(value), ensure_ascii=False)
+    return str(value).strip()
+
+
+def _clean(name: str, value: str, annotation: Any = str) -> str:
+    if not _is_text(annotation):
+        # DSPy's own end marker is not part of a typed value ("[[" would read as a JSON list).
+        cut = _COMPLETED.search(value)
+        value = value[: cut.start()] if cut else value
     value = value.strip()
+    if _is_structured(annotation):
+        return value  # "* a" is a list item, not markup
     if name not in MULTILINE_FIELDS:
         value = next((line.strip() for line in value.split("\n") if line.strip()), "")
     return value.strip().strip("*").strip()
+
+
+def _list_items(text: str) -> list[str]:
+    # Marked items ("- a", "1. a") win and the prose around them is dropped; otherwise every line
+    # of the first paragraph is an item.
+    lines = [line.strip() for line in text.strip().split("\n")]
+    marked = [_BULLET.sub("", line, count=1).strip() for line in lines if _BULLET.match(line)]
+    if marked:
+        return [item for item in marked if item]
+    paragraph = lines[: lines.index("")] if "" in lines else lines
+    return [line for line in paragraph if line]
+
+
+def _option(text: str, annotation: Any) -> str:
+    # The option the text names, ignoring case, quotes, markup and a trailing full stop (an Enum's
+    # member by value or name); parse_value then checks it, and rejects the text when nothing matches.
+    bare = text.strip().strip("\"'`*").rstrip(".!").strip().casefold()
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        members = [m for m in annotation if bare in (str(m.value).casefold(), m.name.casefold())]
+        return members[0].name if len(members) == 1 else text
+    options = [str(option) for option in get_args(annotation)]
+    if text in options:
+        return text
+    matches = [option for option in options if option.casefold() == bare]
+    return matches[0] if len(matches) == 1 else text
+
+
+def _options(annotation: Any) -> list[str] | None:
+    if get_origin(annotation) is Literal:
+        return [str(option) for option in get_args(annotation)]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return [str(member.value) for member in annotation]
+    return None
+
+
+def _salvage(text: str, annotation: Any) -> Any:
+    if _list_args(_strip_optional(annotation)) is not None:
+        return [] if not text.strip() or text.lstrip().startswith("[") else _list_items(text)
+    return text
+
+
+def _is_text(annotation: Any) -> bool:
+    # str (and str | None, Any, and a DSPy field without annotation) are text: never converted or hinted.
+    if annotation is str or annotation is None or annotation is Any:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return str in get_args(annotation)
+    return False
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        others = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(others) == 1:
+            return others[0]
+    return annotation
+
+
+def _list_args(annotation: Any) -> Any | None:
+    """The item type when ``annotation`` is a list-like type (``Any`` for a bare ``list``), else None."""
+    if annotation in (list, set, frozenset, tuple):
+        return Any
+    origin = get_origin(annotation)
+    if origin in (list, set, frozenset, Sequence, AbstractSet) or origin is tuple:
+        args = [arg for arg in get_args(annotation) if arg is not Ellipsis]
+        if origin is tuple and len(args) != 1:
+            return Any  # a fixed-length tuple: items are validated as a whole
+        return args[0] if args else Any
+    return None
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)
+
+
+def _is_structured(annotation: Any) -> bool:
+    inner = _strip_optional(annotation)
+    return (
+        _list_args(inner) is not None or _is_model(inner) or inner is dict or get_origin(inner) is dict
+    ) and not _is_text(annotation)
 
 
 def _last_line(text: str) -> str:
