@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
 from stageopt import ModelNotAvailableError
-from stageopt.lm import EMBEDDED_MODELS, ChunkedWeights, ChunkPart, assemble_chunks
+from stageopt.lm import EMBEDDED_MODELS, ChunkedWeights, ChunkPart, RequantizedWeights, assemble_chunks
 
 
 def _parts(tmp_path: Path, *chunks: bytes) -> list[Path]:
@@ -80,3 +81,43 @@ def test_qwen_is_registered_with_its_pinned_parts_and_hash() -> None:
     assert {p.version for p in spec.weights.parts} == {"0.9.0"}
     assert spec.weights.size == 491_400_064
     assert spec.weights.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def _requantized_pair(tmp_path: Path) -> tuple[RequantizedWeights, Path, Path]:
+    """A source file and a 'requantized' file with the record RequantizedWeights writes beside it."""
+    weights = RequantizedWeights(filename="m-q8_0.gguf", ftype="LLAMA_FTYPE_MOSTLY_Q8_0")
+    source = tmp_path / "source.gguf"
+    source.write_bytes(b"GGUF" + b"s" * 100)
+    target = tmp_path / "cache" / weights.filename
+    target.parent.mkdir()
+    target.write_bytes(b"GGUF" + b"q" * 200)
+    record = {
+        "size": target.stat().st_size,
+        "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "ftype": weights.ftype,
+    }
+    target.with_name(target.name + ".json").write_text(json.dumps(record))
+    return weights, source, target
+
+
+def test_a_requantized_file_matching_its_record_is_used_as_it_is(tmp_path: Path) -> None:
+    weights, source, target = _requantized_pair(tmp_path)
+    assert weights.path(source, directory=target.parent) == target
+
+
+def test_a_requantized_file_changed_after_it_was_written_is_refused(tmp_path: Path) -> None:
+    weights, source, target = _requantized_pair(tmp_path)
+    target.write_bytes(b"GGUF" + b"x" * 200)  # same size, other bytes
+    with pytest.raises(ModelNotAvailableError, match="refusing to load it") as info:
+        weights.path(source, directory=target.parent)
+    assert "\n" not in str(info.value)
+
+
+def test_q8_variants_are_registered_on_top_of_their_checked_base() -> None:
+    for base in ("gemma3-270m", "qwen2.5-coder-0.5b"):
+        variant = EMBEDDED_MODELS[f"{base}-q8"]
+        assert variant.base == base
+        assert variant.requantized is not None
+        assert variant.requantized.ftype == "LLAMA_FTYPE_MOSTLY_Q8_0"
+        assert (variant.chat, variant.layout) == (EMBEDDED_MODELS[base].chat, EMBEDDED_MODELS[base].layout)

@@ -36,6 +36,7 @@ def _setup(args: argparse.Namespace) -> tuple[BaseTask, dspy.BaseLM, dspy.Adapte
         model_type=args.model_type,
         seed=args.seed,
         cache=not args.no_cache,
+        parallel=args.num_threads,
     )
     return task, lm, default_adapter(args.adapter)
 
@@ -49,6 +50,7 @@ def _resolver(args: argparse.Namespace) -> Callable[[str], dspy.BaseLM]:
         model_type=args.model_type,
         seed=args.seed,
         cache=not args.no_cache,
+        parallel=args.num_threads,
     )
 
 

@@ -47,7 +47,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter", default="small", choices=("small", "chat", "json"), help="prompt format")
     parser.add_argument("--data-dir", default=None, help="folder with <task>/{train,dev}.jsonl")
-    parser.add_argument("--num-threads", type=int, default=1, help="examples evaluated in parallel")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=1,
+        help="examples evaluated in parallel (an embedded model decodes that many together in one batch)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="do not use DSPy's response cache")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")

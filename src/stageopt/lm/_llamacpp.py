@@ -18,6 +18,8 @@ import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from stageopt._errors import ConfigurationError, ContextWindowError, ModelNotAvailableError
+from stageopt.lm._batching import Batcher, BatchStats
+from stageopt.lm._llamalog import route_llama_logs
 from stageopt.lm._registry import DEFAULT_MODEL, LAYOUTS, EmbeddedModel, Layout, embedded_model
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,15 @@ class _Loaded:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _blank_ids: Any = None
     _chat_formatter: Any = None
+    _batchers: dict[tuple[int, int], Batcher] = field(default_factory=dict)
+
+    def batcher(self, slots: int, n_ctx: int) -> Batcher:
+        """The batched decoder with ``slots`` sequences of ``n_ctx`` tokens, opened on first use."""
+        key = (slots, n_ctx)
+        with _LOAD_LOCK:
+            if key not in self._batchers:
+                self._batchers[key] = Batcher(self.llama, slots=slots, n_ctx=n_ctx, lock=self.lock)
+            return self._batchers[key]
 
     def chat_formatter(self) -> Any:
         """The GGUF's own chat template as llama-cpp-python's Jinja2 formatter (None without one)."""
@@ -80,31 +91,6 @@ _LOADED: dict[tuple[str, int, int], _Loaded] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-_LLAMA_LOG_CALLBACK: Any = None
-
-
-def _route_llama_logs(llama_cpp: Any) -> None:
-    """Send llama.cpp's own messages to the ``stageopt.llama_cpp`` logger at DEBUG level.
-
-    llama-cpp-python maps ggml log levels with an outdated table, so warnings such as
-    "using full-size SWA cache" reach stderr even with ``verbose=False``; failures surface as
-    Python exceptions anyway.
-    """
-    global _LLAMA_LOG_CALLBACK
-    if _LLAMA_LOG_CALLBACK is not None:
-        return
-    import ctypes
-
-    llama_logger = logging.getLogger("stageopt.llama_cpp")
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: Any) -> None:
-        llama_logger.debug("%s", text.decode("utf-8", errors="replace").rstrip())
-
-    _LLAMA_LOG_CALLBACK = callback  # ctypes callbacks must outlive their registration
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-
 def _load(spec: EmbeddedModel, n_ctx: int, n_threads: int, prefix_cache_bytes: int) -> _Loaded:
     key = (spec.name, n_ctx, n_threads)
     with _LOAD_LOCK:
@@ -116,7 +102,7 @@ def _load(spec: EmbeddedModel, n_ctx: int, n_threads: int, prefix_cache_bytes: i
             raise ModelNotAvailableError(
                 "the embedded backend needs llama-cpp-python: run `pip install 'stageopt[local]'`"
             ) from exc
-        _route_llama_logs(llama_cpp)
+        route_llama_logs()
         path = spec.path()
         logger.info("loading %s from %s (n_ctx=%d, n_threads=%d)", spec.name, path, n_ctx, n_threads)
         llama = llama_cpp.Llama(
@@ -188,8 +174,15 @@ class LlamaCppEngine:
 
     Invariants: ``max_tokens`` and the stop sequences of the request are always passed to
     llama.cpp; a prompt that leaves no room for ``max_tokens`` raises
-    :class:`~stageopt.ContextWindowError` instead of being truncated; calls on one loaded model
-    are serialised by its lock, so the engine is thread-safe.
+    :class:`~stageopt.ContextWindowError` instead of being truncated; the engine is thread-safe.
+
+    ``parallel``: with 1 (the default) calls on one loaded model are serialised by its lock and
+    run one at a time through ``Llama.create_completion``. With ``parallel=N > 1`` completion
+    prompts from up to N threads at once (``evaluate(num_threads=N)``, ``--num-threads N``) are
+    decoded together by a batcher (``stageopt.lm._batching``): one forward pass per step for
+    all of them, each slot keeping its prompt prefix for the next request. Greedy outputs and the
+    token counts are those of the serial path; :attr:`batch_stats` reports the passes and the
+    prefix cache's hit rate.
     """
 
     def __init__(
@@ -202,8 +195,12 @@ class LlamaCppEngine:
         default_max_tokens: int = 256,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         layout: Layout | None = None,
+        parallel: int = 1,
     ) -> None:
         self.spec = embedded_model(model)
+        if parallel < 1:
+            raise ConfigurationError(f"`parallel` must be >= 1, got {parallel=}")
+        self.parallel = parallel
         self.layout: Layout = _check_layout(layout or self.spec.layout)
         self.n_ctx = n_ctx or self.spec.n_ctx
         self.n_threads = n_threads or available_cores()
@@ -223,6 +220,14 @@ class LlamaCppEngine:
         if self._loaded is None:
             self._loaded = _load(self.spec, self.n_ctx, self.n_threads, self.prefix_cache_bytes)
         return self._loaded
+
+    @property
+    def batch_stats(self) -> BatchStats | None:
+        """The batched decoder's counters (None while ``parallel`` is 1 or nothing ran batched)."""
+        if self.parallel == 1 or self._loaded is None:
+            return None
+        batcher = self._loaded._batchers.get((self.parallel, self.n_ctx))
+        return batcher.stats if batcher is not None else None
 
     def render(self, request: Request) -> str | list[dict[str, str]]:
         """Return the raw prompt, or chat messages when the model should apply its template."""
@@ -270,18 +275,39 @@ class LlamaCppEngine:
         rendered = self.render(request)
         loaded = self.loaded
         line_stop = "\n" in options["stop"]
-        with loaded.lock:
+        if isinstance(rendered, str) and self.parallel > 1:
+            batcher = loaded.batcher(self.parallel, self.n_ctx)
+            tokens = batcher.prompt_tokens(rendered)
+            self._check_length(len(tokens), max_tokens)
             start = time.perf_counter()
-            if isinstance(rendered, str):
-                self._check_fits(loaded.llama, rendered, max_tokens)
-                if line_stop:
-                    options["logits_processor"] = _no_blank_start(loaded)
-                raw = loaded.llama.create_completion(rendered, **options)
-                text = raw["choices"][0]["text"]
-            else:
-                raw = loaded.llama.create_chat_completion(messages=rendered, **options)
-                text = raw["choices"][0]["message"]["content"] or ""
+            done = batcher.complete(
+                tokens,
+                max_tokens=max_tokens,
+                stop=options["stop"],
+                temperature=options["temperature"],
+                top_p=options.get("top_p", 0.95),
+                seed=options["seed"],
+                first_mask=loaded.blank_token_ids() if line_stop else None,
+            )
             elapsed = time.perf_counter() - start
+            text, finish = done.text, done.finish_reason
+            raw: dict[str, Any] = {
+                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
+            }
+        else:
+            with loaded.lock:
+                start = time.perf_counter()
+                if isinstance(rendered, str):
+                    self._check_fits(loaded.llama, rendered, max_tokens)
+                    if line_stop:
+                        options["logits_processor"] = _no_blank_start(loaded)
+                    raw = loaded.llama.create_completion(rendered, **options)
+                    text = raw["choices"][0]["text"]
+                else:
+                    raw = loaded.llama.create_chat_completion(messages=rendered, **options)
+                    text = raw["choices"][0]["message"]["content"] or ""
+                elapsed = time.perf_counter() - start
+            finish = raw["choices"][0].get("finish_reason") or "stop"
         usage = raw.get("usage", {})
         prompt_tokens = int(usage.get("prompt_tokens", 0))
         completion_tokens = int(usage.get("completion_tokens", 0))
@@ -289,7 +315,6 @@ class LlamaCppEngine:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         self.stats.seconds += elapsed
-        finish = raw["choices"][0].get("finish_reason") or "stop"
         return Response(
             id=None,
             model=self.spec.name,
@@ -300,7 +325,9 @@ class LlamaCppEngine:
         )
 
     def _check_fits(self, llama: Any, prompt: str, max_tokens: int) -> None:
-        n_prompt = len(llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
+        self._check_length(len(llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)), max_tokens)
+
+    def _check_length(self, n_prompt: int, max_tokens: int) -> None:
         if n_prompt + max_tokens > self.n_ctx:
             raise ContextWindowError(
                 f"prompt of {n_prompt} tokens plus max_tokens={max_tokens} exceeds the context window "
@@ -385,6 +412,7 @@ class LocalLM(dspy.LM):
         seed: int = 0,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         layout: Layout | None = None,
+        parallel: int = 1,
         **kwargs: Any,
     ) -> None:
         model = model.removeprefix("local/")
@@ -399,6 +427,7 @@ class LocalLM(dspy.LM):
             default_max_tokens=max_tokens,
             prefix_cache_bytes=prefix_cache_bytes,
             layout=layout,
+            parallel=parallel,
         )
         suffix = "" if engine.layout == engine.spec.layout else f"@{engine.layout}"
         super().__init__(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from stageopt._errors import ConfigurationError, ModelNotAvailableError
-from stageopt.lm._weights import ChunkedWeights, ChunkPart
+from stageopt.lm._weights import ChunkedWeights, ChunkPart, RequantizedWeights
 
 #: How a plain completion prompt (one user message) reaches the model: as it is, or wrapped in the
 #: GGUF's own chat template with the prompt's last line (the first output label) as the start of
@@ -34,6 +34,8 @@ class EmbeddedModel:
         weights: Chunk packages that are never imported, only read and hash-checked.
         layout: The default layout of plain completion prompts (see :data:`Layout`), chosen by
             measurement (``benchmarks/layout_probe.py``).
+        base: For a requantized variant, the registered model whose checked file it is made from.
+        requantized: How the variant is made from ``base`` (see :class:`RequantizedWeights`).
     """
 
     name: str
@@ -44,9 +46,14 @@ class EmbeddedModel:
     n_ctx: int
     weights: ChunkedWeights | None = None
     layout: Layout = "completion"
+    base: str | None = None
+    requantized: RequantizedWeights | None = None
 
     def path(self) -> Path:
         """Return the checked .gguf file, raising a clear error when it is missing or altered."""
+        if self.requantized is not None:
+            assert self.base is not None, "a requantized model names its base"
+            return self.requantized.path(embedded_model(self.base).path())
         if self.weights is not None:
             return self.weights.path()
         try:
@@ -114,6 +121,30 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         layout="chat",
     ),
 }
+
+
+def _q8_variant(base: EmbeddedModel) -> EmbeddedModel:
+    """``<base>-q8``: the same model requantized to Q8_0, whose outputs do not depend on the batch.
+
+    Measured (``benchmarks/throughput.py``): with the Q4_K_M files, the greedy output of a prompt
+    decoded beside others in one llama.cpp batch can differ from decoding it alone (the K-quant
+    kernels sum in another order for several columns); with Q8_0 they were identical.
+    """
+    return EmbeddedModel(
+        name=f"{base.name}-q8",
+        package=base.package,
+        module=base.module,
+        locate=None,
+        chat=base.chat,
+        n_ctx=base.n_ctx,
+        layout=base.layout,
+        base=base.name,
+        requantized=RequantizedWeights(filename=f"{base.name}-q8_0.gguf", ftype="LLAMA_FTYPE_MOSTLY_Q8_0"),
+    )
+
+
+for _base in ("gemma3-270m", "qwen2.5-coder-0.5b"):
+    EMBEDDED_MODELS[f"{_base}-q8"] = _q8_variant(EMBEDDED_MODELS[_base])
 
 
 def embedded_model(name: str) -> EmbeddedModel:

@@ -20,19 +20,22 @@ def resolve_lm(
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
+    parallel: int = 1,
     **kwargs: Any,
 ) -> dspy.BaseLM:
     """An embedded model by short name (``gemma3-270m``), else a LiteLLM model string.
 
     An embedded name may end in ``@completion`` or ``@chat`` to choose the prompt layout
     (``qwen2.5-coder-0.5b@completion``); without it the model's measured default is used.
+    ``parallel`` is how many requests an embedded model decodes together (the evaluation's
+    thread count; see :class:`~stageopt.lm.LlamaCppEngine`); hosted models ignore it.
 
     LiteLLM strings (``openai/<name>`` with ``api_base``, ``ollama_chat/llama3``, hosted
     models) go to ``dspy.LM`` unchanged; ``max_tokens`` is always sent, since some
     OpenAI-compatible servers ignore ``max_completion_tokens``.
     """
     if spec.partition("@")[0] in EMBEDDED_MODELS or spec.startswith("local/"):
-        return LocalLM(spec, max_tokens=max_tokens, temperature=temperature, seed=seed, **kwargs)
+        return LocalLM(spec, max_tokens=max_tokens, temperature=temperature, seed=seed, parallel=parallel, **kwargs)
     options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, **kwargs}
     if api_base:
         options["api_base"] = api_base

@@ -12,6 +12,7 @@ so a file changed after assembly is refused as well.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -163,3 +164,100 @@ def assemble_chunks(parts: list[Path], target: Path, *, size: int, sha256: str) 
         tmp.unlink(missing_ok=True)
     logger.info("assembled %s (%d bytes, sha256 checked)", target, written)
     return target
+
+
+@dataclass(frozen=True)
+class RequantizedWeights:
+    """A GGUF requantized on this machine from another embedded model's checked file.
+
+    llama.cpp's own quantizer (``llama_model_quantize``, requantizing allowed) writes the new
+    layout once into the cache folder, atomically; a JSON record beside it keeps the SHA-256 of
+    the result and of the source it was made from. Before the first load in each process the file
+    is hashed against that record, and it is made again when the source file has changed.
+
+    Attributes:
+        filename: The requantized file's name in the cache folder.
+        ftype: llama.cpp's file type, by its ``llama_cpp`` constant name (``LLAMA_FTYPE_MOSTLY_Q8_0``).
+    """
+
+    filename: str
+    ftype: str
+
+    def path(self, source: Path, directory: Path | None = None) -> Path:
+        """The checked requantized GGUF made from ``source`` (itself already checked)."""
+        target = (directory or cache_dir()) / self.filename
+        record_path = target.with_name(target.name + ".json")
+        with _ASSEMBLE_LOCK:
+            _, source_digest = _size_and_digest([source])
+            record = _read_record(record_path)
+            if target.is_file() and record.get("source_sha256") == source_digest and record.get("ftype") == self.ftype:
+                self._check(target, record)
+                return target
+            self._make(source, target)
+            size, digest = _size_and_digest([target])
+            record = {"size": size, "sha256": digest, "source_sha256": source_digest, "ftype": self.ftype}
+            _write_atomically(record_path, json.dumps(record, indent=1).encode("utf-8"))
+            stat = target.stat()
+            _VERIFIED[target] = (stat.st_size, stat.st_mtime_ns)
+            return target
+
+    def _make(self, source: Path, target: Path) -> None:
+        import llama_cpp
+
+        from stageopt.lm._llamalog import route_llama_logs
+
+        route_llama_logs()  # the quantizer reports every tensor
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, self.ftype)
+            params.allow_requantize = True
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+            if status != 0:
+                raise ModelNotAvailableError(
+                    f"llama.cpp could not requantize {source} to {self.ftype} (status {status}); "
+                    "use the model's own weights instead"
+                )
+            with tmp.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        logger.info("requantized %s -> %s (%s)", source, target, self.ftype)
+
+    def _check(self, target: Path, record: dict[str, object]) -> None:
+        stat = target.stat()
+        if _VERIFIED.get(target) == (stat.st_size, stat.st_mtime_ns):
+            return
+        size, digest = _size_and_digest([target])
+        if size != record.get("size") or digest != record.get("sha256"):
+            raise ModelNotAvailableError(
+                f"requantized model file {target} is {size} bytes with sha256 {digest}, but it was written as "
+                f"{record.get('size')} bytes with sha256 {record.get('sha256')}; refusing to load it: delete it "
+                "and run again to requantize it"
+            )
+        _VERIFIED[target] = (stat.st_size, stat.st_mtime_ns)
+
+
+def _read_record(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
