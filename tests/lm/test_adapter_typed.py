@@ -307,3 +307,76 @@ def test_optional_str_and_untyped_fields_stay_text() -> None:
     [message] = adapter.format(signature, [], {"question": "q"})
     assert "Write" not in message["content"]
     assert adapter.parse(signature, " 5\nNote: 6") == {"answer": "5", "note": "6"}
+
+
+# ---- lenient numbers and options ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [(" 16", 16), (" \\(26 + 6 - 10 = 16\\)", 16), (" \\boxed{40}", 40), (" The answer is 1,000 kg.", 1000)],
+)
+def test_int_field_takes_the_last_number_of_its_line(completion: str, expected: int) -> None:
+    adapter = SmallLMAdapter()
+    assert adapter.parse(CountItems, completion) == {"count": expected}
+    assert adapter.parse_failures == 0
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [(" The review is Positive.", "positive"), (" NEGATIVE", "negative"), (" mostly neutral, I think", "neutral")],
+)
+def test_literal_named_once_among_other_words_is_that_option(completion: str, expected: str) -> None:
+    adapter = SmallLMAdapter()
+    assert adapter.parse(Sentiment, completion) == {"sentiment": expected}
+
+
+def test_literal_echoing_several_options_is_a_failure() -> None:
+    adapter = SmallLMAdapter()
+    assert adapter.parse(Sentiment, " positive, negative or neutral") == {"sentiment": "positive, negative or neutral"}
+    assert adapter.parse_failures == 1
+
+
+def test_an_option_inside_a_longer_one_does_not_count() -> None:
+    signature = dspy.Signature("claim -> label: Literal['SUPPORTED', 'NOT_SUPPORTED']")
+    adapter = SmallLMAdapter()
+    assert adapter.parse(signature, " It is not supported.") == {"label": "NOT_SUPPORTED"}
+    assert adapter.parse(signature, " SUPPORTED") == {"label": "SUPPORTED"}
+    assert adapter.parse_failures == 0
+
+
+# ---- several outputs: the labels are named, and a missing one is asked for ----------------------
+
+
+def test_several_outputs_name_the_labels_that_follow_the_first() -> None:
+    [message] = SmallLMAdapter().format(TakeNotes, [], {"question": "q", "notes": []})
+    assert "After New notes, write Next queries: on a new line." in message["content"]
+    [message] = SmallLMAdapter().format(dspy.Signature("question -> answer"), [], {"question": "q"})
+    assert "After" not in message["content"]
+
+
+def test_a_completion_that_stops_after_its_reasoning_is_continued_once() -> None:
+    replies = iter([" 2 and 2 make 4.", " 4"])
+    lm = scripted_lm(lambda _prompt: next(replies))
+    adapter = SmallLMAdapter()
+    with dspy.context(lm=lm, adapter=adapter):
+        pred = dspy.ChainOfThought("question -> answer")(question="What is 2 + 2?")
+    assert (pred.reasoning, pred.answer) == ("2 and 2 make 4.", "4")
+    assert len(lm.history) == 2
+    assert (adapter.parses, adapter.parse_failures) == (1, 0)
+    assert _prompt(lm, 1).endswith("Question: What is 2 + 2?\nReasoning: 2 and 2 make 4.\nAnswer:")
+    assert lm.history[1]["kwargs"]["stop"][0] == "\n"  # a one-line field ends at its line
+
+
+def test_no_continuation_when_every_label_was_written_or_it_is_switched_off() -> None:
+    lm = scripted_lm(lambda _prompt: " 2 and 2 make 4.\nAnswer: 4")
+    with dspy.context(lm=lm, adapter=SmallLMAdapter()):
+        dspy.ChainOfThought("question -> answer")(question="What is 2 + 2?")
+    assert len(lm.history) == 1
+    lm = scripted_lm(lambda _prompt: " 2 and 2 make 4.")
+    adapter = SmallLMAdapter(continue_missing=False)
+    with dspy.context(lm=lm, adapter=adapter):
+        pred = dspy.ChainOfThought("question -> answer")(question="What is 2 + 2?")
+    assert len(lm.history) == 1
+    assert adapter.parse_failures == 1
+    assert pred.answer == "2 and 2 make 4."  # salvaged from the last line
