@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -25,24 +27,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+@contextlib.contextmanager
+def _serving(model: str, alias: str) -> Iterator[str]:
+    """``stageopt serve --lm model`` on a free port of 127.0.0.1; yields the API base."""
     port = _free_port()
+    command = [sys.executable, "-m", "stageopt.cli._main", "serve", "--lm", model, "--port", str(port)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stageopt.cli._main",
-            "serve",
-            "--port",
-            str(port),
-            "--alias",
-            "gemma",
-            "--n-ctx",
-            "4096",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        [*command, "--alias", alias, "--n-ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -62,6 +53,23 @@ def server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with _serving("gemma3-270m", "gemma") as base:
+        yield base
+
+
+def test_qwen_is_served_with_its_own_chat_template() -> None:
+    with _serving("qwen2.5-coder-0.5b", "qwen") as base:
+        with urllib.request.urlopen(f"{base}/models", timeout=5) as response:
+            listed = json.loads(response.read())
+        assert [m["id"] for m in listed["data"]] == ["qwen"]
+        lm = resolve_lm("openai/qwen", api_base=base, cache=False, max_tokens=16)
+        with dspy.context(lm=lm, adapter=SmallLMAdapter()):
+            prediction = dspy.Predict("question -> answer")(question="What is the capital of France?")
+    assert "paris" in prediction.answer.lower()
 
 
 def test_optimize_through_openai_compatible_server(server: str) -> None:
