@@ -1,9 +1,10 @@
 """Where the embedded LM's time goes: raw llama.cpp rates, rates inside stageopt, overhead per trial.
 
     python benchmarks/throughput.py [--models gemma3-270m,qwen2.5-coder-0.5b] [--threads 1,2] \
-        [--hotpotqa 8] [--gsm8k 4] [--trials 500] [--out benchmarks/results/throughput.json]
+        [--hotpotqa 8] [--gsm8k 4] [--sections raw,effective,batched,trials] [--parallel 4] \
+        [--batched-models ...] [--trials 500] [--out benchmarks/results/throughput.json] [--resume]
 
-Three measurements, written to ``--out`` (JSON) as each finishes:
+Four measurements, written to ``--out`` (JSON) as each finishes (``--resume`` keeps those there):
 
 1. ``raw``: llama.cpp alone (llama-cpp-python's ``Llama``, no stageopt), per model and thread
    count: prompt rate = tokens of a ~1000-token prompt / seconds of a 1-token completion; generation
@@ -18,6 +19,11 @@ Three measurements, written to ``--out`` (JSON) as each finishes:
    ``--trials`` trials: seconds per trial against trial index (means of windows of 50) — with a
    near-free LM this is stageopt's own cost per trial (sampler, storage, evaluation framework);
    it must stay flat (no O(n^2) in history or storage).
+4. ``batched``: per model (the Q8_0 variants included), GSM8K's single stage and the HotpotQA
+   program on dev[:N] with ``--num-threads`` examples at a time, first one call at a time
+   (``parallel=1``: the threads wait on the model's lock, today's path), then decoded together
+   (``parallel=p``): wall time, completion tokens per second, the speed-up, the logical calls, the
+   prefix cache's hit rate and how many predictions differ from the serial run's.
 """
 
 from __future__ import annotations
@@ -123,6 +129,68 @@ def effective_rates(
     return rows
 
 
+def batched_rates(model: str, parallel: list[int], sizes: dict[str, int], data_dir: str | None) -> list[dict[str, Any]]:
+    """Serial (``parallel=1``) against batched decoding of ``model`` at ``num_threads=p`` examples.
+
+    The serial row runs with as many example threads as the largest ``p`` (today's ``--num-threads
+    N`` path: the threads queue on the model's lock), so rows differ only in batching. Each batched
+    row counts the examples whose prediction differs from the serial one, and the logical calls.
+    """
+    rows: list[dict[str, Any]] = []
+    for task_name, n in sizes.items():
+        if n <= 0:
+            continue
+        task = get_task(task_name, data_dir=data_dir)
+        program = task.program() if task_name == "hotpotqa" else task.single_stage_program()
+        assert program is not None
+        examples = task.load("dev", n=n)
+        serial: list[str] | None = None
+        serial_wall = 0.0
+        for p in [1, *parallel]:
+            lm = LocalLM(model, cache=False, max_tokens=256, parallel=p)
+            engine = lm.local_engine
+            start = time.perf_counter()
+            report = evaluate(
+                program,
+                examples,
+                task.metric,
+                lm=lm,
+                adapter=SmallLMAdapter(),
+                num_threads=p if p > 1 else max(parallel),
+            )
+            wall = time.perf_counter() - start
+            predictions = [json.dumps(e.prediction, sort_keys=True, default=str) for e in report.examples]
+            if p == 1:
+                serial, serial_wall = predictions, wall
+            assert serial is not None
+            stats = engine.batch_stats
+            row: dict[str, Any] = {
+                "model": model,
+                "task": task_name,
+                "n": report.n,
+                "parallel": p,
+                "logical_calls": report.usage.lm_calls,
+                "prompt_tokens": engine.stats.prompt_tokens,
+                "completion_tokens": engine.stats.completion_tokens,
+                "wall_s": round(wall, 2),
+                "completion_tok_per_s": round(engine.stats.completion_tokens / wall, 1),
+                "score": round(report.score, 4),
+                "predictions_differing_from_serial": sum(a != b for a, b in zip(serial, predictions, strict=True)),
+            }
+            if stats is not None:
+                row.update(
+                    {
+                        "forward_passes": stats.steps,
+                        "max_active": stats.max_active,
+                        "prefix_hit_rate": round(stats.prefix_hit_rate, 3),
+                    }
+                )
+            if p > 1:
+                row["speedup_vs_serial"] = round(serial_wall / wall, 2)
+            rows.append(row)
+    return rows
+
+
 def trial_costs(n_trials: int, window: int = 50) -> dict[str, Any]:
     """Seconds per trial against trial index for random search on the testbed (SQLite study)."""
     testbed = Testbed(n_stages=3, seed=0)
@@ -161,34 +229,54 @@ def trial_costs(n_trials: int, window: int = 50) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gemma3-270m,qwen2.5-coder-0.5b")
+    parser.add_argument("--sections", default="raw,effective,batched,trials", help="which measurements to run")
     parser.add_argument("--threads", default="1,2", help="llama.cpp thread counts to measure")
     parser.add_argument("--hotpotqa", type=int, default=8)
     parser.add_argument("--gsm8k", type=int, default=4)
+    batched_models = "gemma3-270m,gemma3-270m-q8,qwen2.5-coder-0.5b,qwen2.5-coder-0.5b-q8"
+    parser.add_argument("--batched-models", default=batched_models)
+    parser.add_argument("--parallel", default="4", help="batch sizes (evaluation threads) of the batched section")
+    parser.add_argument("--batched-gsm8k", type=int, default=8)
+    parser.add_argument("--batched-hotpotqa", type=int, default=8)
     parser.add_argument("--trials", type=int, default=500)
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    parser.add_argument("--resume", action="store_true", help="keep the measurements already in --out")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
 
     out = Path(args.out)
-    result: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {platform.python_version()}",
-        "raw": [],
-        "effective": [],
-    }
+    result: dict[str, Any] = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    commands = result.get("commands", [result["command"]] if "command" in result else [])
+    result.update(
+        {
+            "commands": [*commands, " ".join(["python", *sys.argv])],
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {platform.python_version()}",
+        }
+    )
+    result.pop("command", None)
+    for key in ("raw", "effective", "batched"):
+        result.setdefault(key, [])
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
 
+    def done(section: str, model: str, **keys: Any) -> bool:
+        return any(r["model"] == model and all(r.get(k) == v for k, v in keys.items()) for r in result[section])
+
     threads = [int(t) for t in args.threads.split(",")]
     for model in args.models.split(","):
         for n_threads in threads:
+            if "raw" not in sections or done("raw", model, n_threads=n_threads):
+                continue
             raw = raw_rates(model, n_threads, args.data_dir)
             result["raw"].append(raw)
             print(json.dumps(raw))
             save()
+        if "effective" not in sections or done("effective", model):
+            continue
         best = max((r for r in result["raw"] if r["model"] == model), key=lambda r: r["gen_tok_per_s"])
         rows = effective_rates(
             model, best["n_threads"], best, {"hotpotqa": args.hotpotqa, "gsm8k": args.gsm8k}, args.data_dir
@@ -197,7 +285,18 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(json.dumps(row))
         save()
-    if args.trials > 0:
+    if "batched" in sections:
+        parallel = [int(p) for p in args.parallel.split(",")]
+        for model in args.batched_models.split(","):
+            for task_name, n in (("gsm8k", args.batched_gsm8k), ("hotpotqa", args.batched_hotpotqa)):
+                if done("batched", model, task=task_name):
+                    continue
+                rows = batched_rates(model, parallel, {task_name: n}, args.data_dir)
+                result["batched"] += rows
+                for row in rows:
+                    print(json.dumps(row))
+                save()
+    if "trials" in sections and args.trials > 0 and "trials" not in result:
         result["trials"] = trial_costs(args.trials)
         print(json.dumps(result["trials"]))
         save()
