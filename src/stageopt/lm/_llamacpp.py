@@ -88,6 +88,8 @@ class _Loaded:
 
 
 _LOADED: dict[tuple[str, int, int], _Loaded] = {}
+#: Guards every engine's EngineStats (module-level: an engine stays deep-copyable).
+_STATS_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
 
 
@@ -311,10 +313,11 @@ class LlamaCppEngine:
         usage = raw.get("usage", {})
         prompt_tokens = int(usage.get("prompt_tokens", 0))
         completion_tokens = int(usage.get("completion_tokens", 0))
-        self.stats.calls += 1
-        self.stats.prompt_tokens += prompt_tokens
-        self.stats.completion_tokens += completion_tokens
-        self.stats.seconds += elapsed
+        with _STATS_LOCK:  # batched calls finish on several threads at once
+            self.stats.calls += 1
+            self.stats.prompt_tokens += prompt_tokens
+            self.stats.completion_tokens += completion_tokens
+            self.stats.seconds += elapsed
         return Response(
             id=None,
             model=self.spec.name,
