@@ -39,3 +39,19 @@ def test_an_unknown_layout_names_the_known_ones() -> None:
 def test_the_layout_survives_dump_and_load() -> None:
     engine = LlamaCppEngine("qwen2.5-coder-0.5b", layout="completion")
     assert LlamaCppEngine.load_state(engine.dump_state()).layout == "completion"
+
+
+def test_parallel_must_be_a_positive_count() -> None:
+    with pytest.raises(ConfigurationError, match="`parallel` must be >= 1"):
+        LlamaCppEngine("gemma3-270m", parallel=0)
+    engine = LocalLM("gemma3-270m", parallel=3).local_engine
+    assert engine.parallel == 3
+    assert engine.batch_stats is None  # nothing ran batched yet
+
+
+def test_resolve_lm_passes_parallel_to_embedded_models_only() -> None:
+    local = resolve_lm("gemma3-270m", parallel=4)
+    assert isinstance(local, LocalLM)
+    assert local.local_engine.parallel == 4
+    hosted = resolve_lm("openai/some-model", api_base="http://127.0.0.1:9/v1", parallel=4)
+    assert "parallel" not in hosted.kwargs
