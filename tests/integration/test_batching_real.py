@@ -30,7 +30,8 @@ def test_batched_greedy_outputs_and_counts_equal_the_serial_ones() -> None:
     serial_lm, serial, serial_predictions = _run("gemma3-270m-q8", "gsm8k", 4, parallel=1, max_tokens=64)
     batched_lm, batched, batched_predictions = _run("gemma3-270m-q8", "gsm8k", 4, parallel=4, max_tokens=64)
     assert batched_predictions == serial_predictions
-    assert batched.usage.lm_calls == serial.usage.lm_calls == 4  # type: ignore[attr-defined]
+    assert batched.usage.lm_calls == serial.usage.lm_calls  # type: ignore[attr-defined]
+    assert 4 <= serial.usage.lm_calls <= 8  # type: ignore[attr-defined]  # a follow-up call where Answer: was missing
     s, b = serial_lm.local_engine.stats, batched_lm.local_engine.stats
     assert (b.calls, b.prompt_tokens, b.completion_tokens) == (s.calls, s.prompt_tokens, s.completion_tokens)
     stats = batched_lm.local_engine.batch_stats

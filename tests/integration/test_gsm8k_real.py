@@ -30,15 +30,19 @@ def test_four_stages_run_and_are_scored_on_dev(gemma: LocalLM) -> None:
     assert list(report.stages) == STAGES
     for name in ["understand", "plan", "verify"]:
         assert report.stages[name].calls == 2
-    assert 2 <= report.stages["solve"].calls <= 4  # one revision per example at most
+    # one revision per example at most, each solve call followed by one for a missing Answer: at most
+    assert 2 <= report.stages["solve"].calls <= 8
     assert 0.0 <= report.parse_rate <= 1.0
     assert set(report.stage_metrics) == set(STAGES)
     assert all(0.0 <= value <= 1.0 for value in report.stage_metrics.values())
     assert set(report.extra) == {"solve_acc", "revision_rate", "has_number"}
     for result in report.examples:
         stages = [c.stage for c in result.calls]
-        assert stages[:4] == STAGES
-        assert stages[4:] in ([], ["solve"])
-        assert (len(stages) == 5) is bool(result.prediction["revised"])
+        # the adapter's follow-up call for a missing Answer: is a second call of the same stage
+        runs = [stage for i, stage in enumerate(stages) if i == 0 or stage != stages[i - 1]]
+        assert runs[:4] == STAGES
+        assert runs[4:] in ([], ["solve"])
+        assert (len(runs) == 5) is bool(result.prediction["revised"])
+        assert stages.count("solve") <= 2 * (1 + bool(result.prediction["revised"]))
         assert all(c.prompt_tokens > 0 and c.latency_s > 0 for c in result.calls)
         assert result.score in (0.0, 1.0)
