@@ -64,6 +64,8 @@ RUN_FLAGS = (
     "3",
     "--option",
     "patience=null",
+    "--confirm-size",
+    "0",
 )
 
 

@@ -27,6 +27,7 @@ def _optimizer(budget: int = 200, **kwargs: object) -> CoordinateDescent:
         "adapter": SmallLMAdapter(),
         "stage_metrics": {"locate": country_metric},
         "bootstrap_size": 6,
+        "confirm_size": 0,
         "val_size": 6,
         "max_rounds": 2,
         "trials_per_stage": 3,

@@ -18,7 +18,9 @@ TRIAL_CALLS = 12
 
 def _optimizer(budget: Any = 400, **kwargs: Any) -> HierarchicalBayesian:
     # 5 demo sets x 3 temperatures per stage: enough choices that the budget sets phase 1's size.
-    optimizer = build(HierarchicalBayesian, budget, **{"settings": {"temperature": [0.3, 0.7]}, **kwargs})
+    optimizer = build(
+        HierarchicalBayesian, budget, **{"settings": {"temperature": [0.3, 0.7]}, "confirm_size": 0, **kwargs}
+    )
     assert isinstance(optimizer, HierarchicalBayesian)
     return optimizer
 

@@ -37,6 +37,7 @@ def _optimizer(budget: int = 400, **kwargs: Any) -> SuccessiveHalving:
         "adapter": SmallLMAdapter(),
         "stage_metrics": {"locate": country_metric},
         "bootstrap_size": 6,
+        "confirm_size": 0,
         "val_size": VAL_SIZE,
         "seed": 0,
         # 15 choices per stage: enough distinct configurations for a bracket of 27.

@@ -38,6 +38,7 @@ def _pareto(budget: int = 300, **kwargs: Any) -> Pareto:
         "lm": scripted_lm(demo_sensitive_answer),
         "adapter": SmallLMAdapter(),
         "bootstrap_size": 6,
+        "confirm_size": 0,
         "seed": 0,
     }
     settings.update(kwargs)

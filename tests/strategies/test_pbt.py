@@ -38,6 +38,7 @@ def _optimizer(**kwargs: Any) -> PopulationBasedTraining:
         "adapter": SmallLMAdapter(),
         "stage_metrics": {"locate": country_metric},
         "bootstrap_size": 6,
+        "confirm_size": 0,
         "val_size": N_VAL,
         "seed": 0,
         "population_size": POPULATION,

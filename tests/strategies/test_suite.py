@@ -111,6 +111,12 @@ class TestStrategyContract:
         assert [h["phase"] for h in result.history].count("baseline") == 1
         assert lm.engine.calls == result.usage["lm_calls"] <= 300
         assert max(evaluated(result.history).values()) == 1, "a configuration is never evaluated twice"
+        # Every strategy confirms its choice on held-out examples (trained stages cannot be rebuilt yet).
+        assert (result.confirmation is None) == (strategy.strategy_name == "softprompt")
+        if result.confirmation is not None:
+            assert result.confirmation["confirmed"], result.confirmation["reason"]
+            assert result.confirmation["candidate"]["trial"] == result.best["trial"]
+            assert result.confirmation["gain"]["lower"] > 0
         # The returned program is the best configuration, and the student is untouched.
         assert [n for n, _ in program.named_predictors()] == [n for n, _ in student.named_predictors()]
         assert program.locate.demos

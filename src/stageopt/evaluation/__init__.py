@@ -11,6 +11,7 @@ from stageopt.evaluation._evaluate import (
     stage_names,
 )
 from stageopt.evaluation._meter import ExampleRecorder, MeteredLM, StageCall, active_recorder
+from stageopt.evaluation._stats import PairedGain, paired_gain
 
 __all__ = [
     "Budget",
@@ -20,6 +21,7 @@ __all__ = [
     "ExampleResult",
     "MeteredLM",
     "ModelPrice",
+    "PairedGain",
     "PriceTable",
     "StageCall",
     "StageSummary",
@@ -28,6 +30,7 @@ __all__ = [
     "call_cost",
     "evaluate",
     "mean_ci95",
+    "paired_gain",
     "parse_price",
     "stage_names",
 ]

@@ -87,6 +87,23 @@ class BudgetLedger:
         self._usage = spent or Usage()
         self._offset_s = self._usage.wall_s
         self._start = time.monotonic()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """Logical calls kept back from the search (see :meth:`hold`)."""
+        return self._held
+
+    def hold(self, calls: int) -> None:
+        """Keep ``calls`` logical calls back: :meth:`exhausted_reason` treats them as spent.
+
+        A strategy's trials check the budget through :meth:`exhausted_reason` before they run,
+        so the held calls stay for what comes after the search (the confirmation of the chosen
+        program); ``hold(0)`` releases them.
+        """
+        if calls < 0:
+            raise ConfigurationError(f"held calls must be >= 0, got {calls=}")
+        self._held = calls
 
     def usage(self) -> Usage:
         """A snapshot of what was spent, wall time included."""
@@ -99,8 +116,9 @@ class BudgetLedger:
         """Why ``calls_needed`` more calls would break the budget, or None when they fit."""
         usage = self.usage()
         b = self.budget
-        if b.lm_calls is not None and usage.lm_calls + calls_needed > b.lm_calls:
-            return f"lm_calls limit {b.lm_calls} reached ({usage.lm_calls} spent)"
+        if b.lm_calls is not None and usage.lm_calls + calls_needed + self._held > b.lm_calls:
+            kept = f", {self._held} kept for confirmation" if self._held else ""
+            return f"lm_calls limit {b.lm_calls} reached ({usage.lm_calls} spent{kept})"
         if b.tokens is not None and usage.tokens >= b.tokens:
             return f"tokens limit {b.tokens} reached ({usage.tokens} spent)"
         if b.wall_s is not None and usage.wall_s >= b.wall_s:

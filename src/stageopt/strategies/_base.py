@@ -31,6 +31,7 @@ from stageopt.proposers import (
     ProposalContext,
 )
 from stageopt.strategies._checks import check_metric
+from stageopt.strategies._confirm import check_choice, hold_for_confirmation
 from stageopt.strategies._constraints import Limits, TrialMeasures, constraints_func, limits_note
 from stageopt.strategies._result import OptimizationResult, TrialRecord
 from stageopt.strategies._space import SearchSpace, config_key, validate_models, validate_settings
@@ -59,6 +60,12 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         instruction_proposer: Where instructions come from (default: :class:`LMInstructionProposer`).
         bootstrap_size: Training examples run to collect traces for proposals.
         val_size: Validation examples each trial is scored on (a seeded sample).
+        confirm_size: Held-out examples (from the validation pool, never searched on) the chosen
+            program and the original are compared on before the choice is returned; at most half
+            the pool. 0 or None: no confirmation (the validation winner is returned as it is).
+        confidence: Level of the one-sided lower bound of the paired gain on the confirmation
+            examples; the choice is returned only when that bound is above 0, otherwise the
+            original program, with status ``no_significant_gain`` (see :mod:`~stageopt.strategies._confirm`).
         seed: Seed of the sampler, data split and proposers.
         sampler: Optuna sampler (default ``TPESampler(multivariate=True, group=True, seed=seed)``).
         storage: Optuna storage URL or object (default: SQLite in ``run_dir``, else in memory).
@@ -107,6 +114,8 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         instruction_proposer: BaseInstructionProposer | None = None,
         bootstrap_size: int = 16,
         val_size: int | None = 20,
+        confirm_size: int | None = 20,
+        confidence: float = 0.9,
         seed: int = 0,
         sampler: optuna.samplers.BaseSampler | None = None,
         storage: str | optuna.storages.BaseStorage | None = None,
@@ -140,8 +149,14 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 raise ConfigurationError(f"`{name}` must be >= 1, got {name}={value}")
         if val_size is not None and val_size < 1:
             raise ConfigurationError(f"`val_size` must be >= 1 or None, got {val_size=}")
+        if confirm_size is not None and (isinstance(confirm_size, bool) or confirm_size < 0):
+            raise ConfigurationError(f"`confirm_size` must be >= 0 or None, got {confirm_size=}")
+        if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0.5 <= confidence < 1.0:
+            raise ConfigurationError(f"`confidence` must be a number in [0.5, 1), got {confidence=}")
         self.bootstrap_size = bootstrap_size
         self.val_size = val_size
+        self.confirm_size = confirm_size or 0
+        self.confidence = float(confidence)
         self.seed = seed
         self.sampler = sampler
         self.storage = storage
@@ -198,17 +213,17 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         task_lm = self.lm or dspy.settings.lm
         if task_lm is None:
             raise ConfigurationError("no LM: pass lm= to the optimizer or configure one with dspy.context")
-        boot, val = self.split(trainset, valset)
+        boot, val, confirmset = self.split_confirm(trainset, valset)
         study = self.open_study()
         from stageopt.distributed._worker import HEARTBEAT_S
 
         url = _storage_url(self.storage)
         if url is None or not is_shared_storage(url):
-            return self._run(program, study, boot, val, task_lm, None)
+            return self._run(program, study, boot, val, task_lm, None, confirmset)
         jobs_storage = open_storage(url, heartbeat_interval=HEARTBEAT_S)
         # One live run per shared study: a second one is refused here, before anything is proposed or scored.
         with RunLease.open(url, study.study_name, strategy=self.strategy_name, heartbeat_s=HEARTBEAT_S):
-            return self._run(program, study, boot, val, task_lm, jobs_storage)
+            return self._run(program, study, boot, val, task_lm, jobs_storage, confirmset)
 
     def _run(
         self,
@@ -218,6 +233,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         val: list[dspy.Example],
         task_lm: dspy.BaseLM,
         jobs_storage: optuna.storages.RDBStorage | None,
+        confirmset: list[dspy.Example] | None = None,
     ) -> dspy.Module:
         """The rest of :meth:`compile`, once the study is open (and leased, on a shared storage)."""
         ledger: BudgetLedger
@@ -227,7 +243,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             ledger = BudgetLedger(self.budget, spent=self.stored_usage(study))
         lm = MeteredLM(task_lm, ledger)
         space = self.load_or_propose(program, study, boot, lm, ledger)
-        state = RunState(self, program, space, study, ledger, val, lm)
+        state = RunState(self, program, space, study, ledger, val, lm, confirmset=list(confirmset or []))
         if jobs_storage is not None:
             state.executor = self.open_queue(state, jobs_storage)
         self.restore(state)
@@ -241,6 +257,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         try:
             if not state.trials_in(phase="baseline"):
                 state.run_trial(space.default_config(), phase="baseline", trial=self.baseline_trial(state))
+            hold_for_confirmation(state)
             run_warm_start(state)
             status, reason = self._search(state)
         except StopSearch as stop:
@@ -282,6 +299,18 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         self, trainset: list[dspy.Example], valset: list[dspy.Example] | None
     ) -> tuple[list[dspy.Example], list[dspy.Example]]:
         """Examples to bootstrap from and examples to validate on (disjoint when derived)."""
+        boot, val, _ = self.split_confirm(trainset, valset)
+        return boot, val
+
+    def split_confirm(
+        self, trainset: list[dspy.Example], valset: list[dspy.Example] | None
+    ) -> tuple[list[dspy.Example], list[dspy.Example], list[dspy.Example]]:
+        """Bootstrap, validation and confirmation examples.
+
+        The validation pool is ``valset``, or the training examples left after the bootstrap
+        ones. ``confirm_size`` of it (at most half) are set aside for confirmation, chosen by
+        the seed; validation is then sampled from the rest (``val_size``).
+        """
         rng = random.Random(self.seed)
         if valset is None:
             shuffled = list(trainset)
@@ -295,9 +324,15 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 raise ConfigurationError("`valset` is empty: give examples or leave it None")
             boot = rng.sample(list(trainset), min(self.bootstrap_size, len(trainset)))
             val = list(valset)
+        confirm: list[dspy.Example] = []
+        n_confirm = min(self.confirm_size, len(val) // 2)
+        if n_confirm:
+            held = set(random.Random(self.seed + 2).sample(range(len(val)), n_confirm))
+            confirm = [x for i, x in enumerate(val) if i in held]
+            val = [x for i, x in enumerate(val) if i not in held]
         if self.val_size is not None and len(val) > self.val_size:
             val = random.Random(self.seed + 1).sample(val, self.val_size)
-        return boot, val
+        return boot, val, confirm
 
     def default_sampler(self) -> optuna.samplers.BaseSampler:
         """The sampler used when none is given: multivariate TPE, seeded (strategies may override).
@@ -502,10 +537,15 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         state.checkpoint_usage()
         baseline = next(iter(state.trials_in(phase="baseline")), None)
         best = self.select(state)
-        best_config = best.params if best is not None else state.space.default_config()
         if best is None and state.records and self.limits is not None and self.limits.active:
             status, reason = "infeasible", self.infeasible_reason(state, status, reason)
             logger.warning("%s", reason)
+        confirmation = self.confirmation(state, best, baseline)
+        search_status, search_reason = status, reason
+        if confirmation is not None and not confirmation.get("confirmed") and best is not baseline:
+            status, reason, best = "no_significant_gain", confirmation["reason"], baseline
+            logger.warning("no significant gain: %s", reason)
+        best_config = best.params if best is not None else state.space.default_config()
         self.result = OptimizationResult(
             strategy=self.strategy_name,
             seed=self.seed,
@@ -529,6 +569,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
             history=[r.to_dict() for r in sorted(state.records, key=lambda r: r.trial)],
             status=status,
             stop_reason=reason,
+            confirmation=confirmation,
             candidates={
                 name: {"instructions": len(c.instructions), "demo_sets": len(c.demo_sets)}
                 for name, c in state.space.stages.items()
@@ -541,7 +582,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 ),
                 "proposals": state.study.user_attrs.get("proposal_notes", {}),
                 **{k: v for k, v in state.notes.items() if k != "stopping_checks"},
-                "stopping": self.stopping_note(state, status, reason),
+                "stopping": self.stopping_note(state, search_status, search_reason),
                 **(
                     {"distributed": {"parallel_trials": self.parallel_trials, **state.executor.queue.summary()}}
                     if state.executor is not None
@@ -551,6 +592,16 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         )
         # The returned program runs on the caller's LMs, not on this run's metered copies.
         return state.space.apply(state.program, best_config, models=self.models)
+
+    def confirmation(
+        self, state: RunState, best: TrialRecord | None, baseline: TrialRecord | None
+    ) -> dict[str, Any] | None:
+        """What confirming ``best`` against ``baseline`` on the held-out examples found (see :func:`check_choice`).
+
+        Called once by :meth:`finish`; a strategy that returns something else than its best
+        validation trial may override it.
+        """
+        return check_choice(state, best, baseline)
 
     def infeasible_reason(self, state: RunState, status: str, reason: str | None) -> str:
         """Why a run with limits found nothing to return: the limits, the nearest miss, how it ended."""

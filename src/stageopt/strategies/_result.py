@@ -9,8 +9,9 @@ from stageopt._errors import ConfigurationError
 
 SCHEMA_VERSION = 1
 
-#: Why a run stopped; ``infeasible``: no configuration met the run's limits.
-STATUSES = ("completed", "budget_exhausted", "early_stopped", "infeasible")
+#: Why a run stopped; ``infeasible``: no configuration met the run's limits;
+#: ``no_significant_gain``: the choice did not beat the original on the confirmation examples.
+STATUSES = ("completed", "budget_exhausted", "early_stopped", "infeasible", "no_significant_gain")
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,12 @@ class TrialRecord:
 class OptimizationResult:
     """What a stageopt optimizer found, how and at what cost. Serialise with :meth:`to_dict`.
 
-    ``best`` is chosen on the validation set only; ``baseline`` is the unoptimized program on
-    the same validation examples.
+    ``best`` is the returned program's trial, chosen on the validation set only; ``baseline``
+    is the unoptimized program on the same validation examples. ``confirmation`` says how the
+    choice did against the unoptimized program on held-out examples (its paired gain with the
+    95 % interval and n, ``confirmed``; ``candidate`` the trial checked): when it was not
+    confirmed, ``best`` is the baseline and ``status`` is ``no_significant_gain``. None: no
+    confirmation examples (``confirm_size=0``).
     """
 
     strategy: str
@@ -80,6 +85,7 @@ class OptimizationResult:
     task: str | None = None
     candidates: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    confirmation: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

@@ -132,6 +132,9 @@ class SoftPrompt(BaseStageOptimizer):
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, budget=budget, **kwargs)
+        # Trained stages live outside the configuration space, so the held-out confirmation
+        # (which rebuilds programs from configurations) cannot check them yet: none is held out.
+        self.confirm_size = 0
         require_torch()
         if stages is not None and (
             isinstance(stages, str) or not stages or not all(isinstance(s, str) and s for s in stages)

@@ -45,7 +45,8 @@ class RunState:
     goes into ``notes["stopping"]["checks"]``). :attr:`measures` holds what each scored
     configuration cost per example, under the keys of :attr:`scores`. :attr:`executor` is set
     when the study is on a shared storage: evaluations then go through its job queue, where
-    ``stageopt worker`` processes take them (see :mod:`stageopt.distributed`).
+    ``stageopt worker`` processes take them (see :mod:`stageopt.distributed`). :attr:`confirmset`
+    holds the held-out examples the chosen configuration is confirmed on (never searched on).
     """
 
     optimizer: BaseStageOptimizer
@@ -62,6 +63,7 @@ class RunState:
     bar: Any = None
     notes: dict[str, Any] = field(default_factory=dict)
     executor: Any = None
+    confirmset: list[dspy.Example] = field(default_factory=list)
 
     @property
     def full_fidelity(self) -> int:
