@@ -264,7 +264,7 @@ def test_table_without_results_shows_dashes() -> None:
         "cells": {"coordinate/seed0": {"method": "coordinate", "seed": 0, "status": "error", "error": "boom"}},
     }  # fmt: skip
     table = format_table(results)
-    assert "| coordinate | - | - | - | - | - | error |" in table
+    assert "| coordinate | - | - | - | - | - | - | error |" in table
     assert "coordinate errors: boom" in table
 
 
@@ -284,3 +284,32 @@ def test_table_shows_the_task_metric_beside_other_extras() -> None:
     header, _, row = format_table(results).splitlines()[:3]
     assert header.startswith("| method | accuracy | SOLVE_ACC |")
     assert row.startswith("| unoptimized | 0.500 ± 0.000 | 0.250 ± 0.000 |")
+
+
+def test_table_pairs_each_method_with_the_unoptimized_program_example_by_example() -> None:
+    def dev(scores: list[float]) -> dict[str, Any]:
+        return {"score": sum(scores) / len(scores), "n": len(scores), "stage_metrics": {}, "extra": {},
+                "example_scores": scores}  # fmt: skip
+
+    usage = {"lm_calls": 4, "tokens": 9, "wall_s": 1.0}
+    base = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    better = [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    results = {
+        "settings": {
+            "task": "hotpotqa", "methods": ["coordinate"], "seeds": [0, 1], "budget_calls": 10,
+            "val_size": 3, "bootstrap_size": 3, "eval_split": "dev", "test": None,
+        },
+        "cells": {
+            "unoptimized/all": {"method": "unoptimized", "status": "completed", "eval": {"dev": dev(base)},
+                                "usage": usage},
+            "coordinate/seed0": {"method": "coordinate", "seed": 0, "status": "completed",
+                                 "eval": {"dev": dev(better)}, "usage": usage},
+            "coordinate/seed1": {"method": "coordinate", "seed": 1, "status": "completed",
+                                 "eval": {"dev": dev(base)}, "usage": usage},
+        },
+    }  # fmt: skip
+    table = format_table(results)
+    row = next(line for line in table.splitlines() if line.startswith("| coordinate |"))
+    # mean over the two seeds per example: +0.5 on 4 of 8 examples -> +0.25
+    assert "| +0.250 [+0." in row
+    assert "paired t 95 % interval, n=8" in table

@@ -15,11 +15,11 @@ from typing import Any
 import dspy
 
 from stageopt._errors import ConfigurationError
-from stageopt.cli._limits import limit_options, outcome_lines, resolve_strategy
+from stageopt.cli._limits import confirmation_lines, limit_options, outcome_lines, resolve_strategy
 from stageopt.cli._routing import build_models, load_program, save_program, search_settings
 from stageopt.cli._worker import worker_context
 from stageopt.distributed import is_shared_storage
-from stageopt.evaluation import Budget, EvaluationReport, evaluate, parse_price
+from stageopt.evaluation import Budget, EvaluationReport, evaluate, paired_gain, parse_price
 from stageopt.lm import default_adapter, resolve_lm
 from stageopt.strategies import BaseStageOptimizer, OptimizationResult, get_strategy
 from stageopt.tasks import BaseTask, get_task
@@ -170,6 +170,8 @@ def _run_optimizer(
         storage=getattr(args, "storage", None),
         study_name=getattr(args, "study", None),
         val_size=args.val_size,
+        confirm_size=getattr(args, "confirm_size", 20),
+        confidence=getattr(args, "confidence", 0.9),
         bootstrap_size=args.bootstrap_size,
         num_threads=args.num_threads,
         progress=True,
@@ -318,12 +320,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "coordinate",
         {"max_rounds": 2, "trials_per_stage": args.trials_per_stage},
     )
-    print("[3/3] scoring the optimized program on the same dev examples ...", file=sys.stderr)
-    after = _evaluate(task, program, dev, lm, adapter, args, desc="after")
+    if returned_original(result):
+        print("[3/3] the original program was returned: nothing new to score on dev", file=sys.stderr)
+        after = before
+    else:
+        print("[3/3] scoring the optimized program on the same dev examples ...", file=sys.stderr)
+        after = _evaluate(task, program, dev, lm, adapter, args, desc="after")
     (out / "before.json").write_text(json.dumps(before.to_dict(), indent=2))
     (out / "after.json").write_text(json.dumps(after.to_dict(), indent=2))
     print()
     print(demo_table(before, after, result))
+    print()
+    print("\n".join(demo_verdict(before, after, result)))
     print()
     print("unoptimized, per stage:\n" + stage_table(before))
     print("optimized, per stage:\n" + stage_table(after))
@@ -352,6 +360,25 @@ def demo_table(before: EvaluationReport, after: EvaluationReport, result: Optimi
         f"{stage}: instruction #{p['instruction']}, {p['n_demos']} demos" for stage, p in result.best["params"].items()
     )
     return f"{table}\n\nchosen configuration: {chosen}"
+
+
+def returned_original(result: OptimizationResult) -> bool:
+    """Whether the confirmation sent back the original program (it beat nothing on held-out examples)."""
+    return result.confirmation is not None and not result.confirmation.get("confirmed")
+
+
+def demo_verdict(before: EvaluationReport, after: EvaluationReport, result: OptimizationResult) -> list[str]:
+    """The held-out confirmation, then the dev gain of the returned program, paired, with its interval."""
+    lines = confirmation_lines(result)
+    if returned_original(result):
+        lines.append("dev: the original program was returned, so there is no gain to report (before = after)")
+        return lines
+    gain = paired_gain([e.score for e in after.examples], [e.score for e in before.examples])
+    verdict = "the interval excludes 0" if gain.ci95[0] > 0 else "the interval includes 0: no gain shown on dev"
+    if gain.ci95[1] < 0:
+        verdict = "the optimized program is worse on dev"
+    lines.append(f"dev score gain {gain.describe()}: {verdict}")
+    return lines
 
 
 def _mean_prompt(report: EvaluationReport) -> float:

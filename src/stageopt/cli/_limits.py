@@ -153,6 +153,7 @@ def outcome_lines(result: OptimizationResult) -> list[str]:
     ]
     if result.status == "infeasible":
         lines.append("no configuration met the limits: the original program was saved (see result.json notes.limits)")
+    lines.extend(confirmation_lines(result))
     front = (result.notes.get("pareto") or {}).get("front")
     if front:
         objectives = front["objectives"]
@@ -163,6 +164,25 @@ def outcome_lines(result: OptimizationResult) -> list[str]:
             values = "  ".join(f"{_num(point['values'][o]):>10}" for o in objectives)
             lines.append(f"  {point['trial']:>5}  {values}  {'yes' if point['feasible'] else 'no':>8}{mark}")
     return lines
+
+
+def confirmation_lines(result: OptimizationResult) -> list[str]:
+    """What the confirmation on held-out examples said (nothing when the run had none)."""
+    conf = result.confirmation
+    if not conf:
+        return []
+    gain = conf.get("gain")
+    if gain:
+        lo, hi = gain["ci95"]
+        measured = (
+            f"held-out gain {gain['gain']:+.3f} (paired 95 % CI [{lo:+.3f}, {hi:+.3f}], n={gain['n']}; "
+            f"{gain['confidence']:.0%} lower bound {gain['lower']:+.3f})"
+        )
+    else:
+        measured = conf["reason"]
+    if conf.get("confirmed"):
+        return [f"confirmed: {measured}; the optimized program was saved"]
+    return [f"no significant gain: {conf['reason']} (saved: the original program)"]
 
 
 def _num(value: Any) -> str:

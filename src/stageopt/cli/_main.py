@@ -37,6 +37,22 @@ TRAINING_STRATEGY_NAMES = ("softprompt",)
 logger = logging.getLogger("stageopt")
 
 
+def _confirm_options(parser: argparse.ArgumentParser, *, default_size: int) -> None:
+    parser.add_argument(
+        "--confirm-size",
+        type=int,
+        default=default_size,
+        help="held-out examples (from train, never searched on) the chosen program must beat the original on; "
+        "0: return the validation winner unconfirmed",
+    )
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="level of the one-sided lower bound of the held-out paired gain that must be above 0",
+    )
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="hotpotqa", help="benchmark task (default: hotpotqa)")
     parser.add_argument("--lm", default="gemma3-270m", help="embedded model name or LiteLLM model string")
@@ -92,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--out", required=True, help="run directory (result.json, program.json, optuna.db)")
     opt.add_argument("--n-train", type=int, default=None, help="training examples to use (default: all)")
     opt.add_argument("--val-size", type=int, default=20, help="validation examples per trial")
+    _confirm_options(opt, default_size=20)
     opt.add_argument("--bootstrap-size", type=int, default=16, help="training examples traced for demos")
     opt.add_argument("--max-rounds", type=int, default=3, help="coordinate-descent rounds")
     opt.add_argument(
@@ -136,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget-calls", type=int, default=500, help="optimization budget in LM calls")
     demo.add_argument("--trials-per-stage", type=int, default=4, help="coordinate-descent trials per stage per round")
     demo.add_argument("--val-size", type=int, default=10, help="validation examples (from train) per trial")
+    _confirm_options(demo, default_size=30)
     demo.add_argument("--bootstrap-size", type=int, default=12, help="training examples traced for demos")
     demo.add_argument("--out", default="runs/demo", help="run directory")
 

@@ -129,6 +129,7 @@ def _scores(report: EvaluationReport) -> dict[str, Any]:
         "stage_metrics": report.stage_metrics,
         "extra": report.extra,
         "usage": report.usage.to_dict(),
+        "example_scores": [e.score for e in report.examples],
     }
 
 

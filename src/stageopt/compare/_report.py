@@ -8,6 +8,7 @@ from typing import Any
 
 from stageopt._errors import ConfigurationError
 from stageopt.compare._harness import BASELINE_ROWS, selected_rows
+from stageopt.evaluation import PairedGain, paired_gain
 
 
 def mean_std(values: list[float]) -> tuple[float, float] | None:
@@ -57,6 +58,7 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "stage_metrics": {k: mean_std([e["stage_metrics"][k] for e in evals]) for k in stage_names},
             "extra": {k: mean_std([e["extra"][k] for e in evals]) for k in extra_names},
             "improvement": mean_std([e["score"] - base_score for e in evals]) if base_score is not None else None,
+            "paired": _paired(evals, base["eval"][split] if base else None),
             "validation": mean_std([c["validation"]["best"] for c in scored if c.get("validation", {}).get("best")]),
             "lm_calls": mean_std([u["lm_calls"] for u in usage]),
             "tokens": mean_std([u["tokens"] for u in usage]),
@@ -64,6 +66,28 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "settings": [c.get("settings") for c in cells if c.get("settings")],
         }
     return out
+
+
+def _paired(evals: list[dict[str, Any]], base: dict[str, Any] | None) -> PairedGain | None:
+    """The row's per-example scores (mean over its seeds) against the unoptimized program's, paired.
+
+    None when a cell was written before per-example scores were kept, or the examples differ.
+    """
+    if base is None or not evals or "example_scores" not in base:
+        return None
+    lists = [e.get("example_scores") for e in evals]
+    n = len(base["example_scores"])
+    if not n or any(x is None or len(x) != n for x in lists):
+        return None
+    per_example = [sum(x[i] for x in lists if x is not None) / len(lists) for i in range(n)]
+    return paired_gain(per_example, base["example_scores"])
+
+
+def _gain_cell(gain: PairedGain | None) -> str:
+    if gain is None:
+        return "-"
+    lo, hi = gain.ci95
+    return f"{gain.gain:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -82,6 +106,7 @@ def format_table(results: dict[str, Any]) -> str:
         metric,
         *(k.upper() for k in extras),
         "Δ score vs unoptimized",
+        "paired Δ, 95 % CI",
         "logical LM calls",
         "tokens",
         "wall s",
@@ -96,6 +121,7 @@ def format_table(results: dict[str, Any]) -> str:
             *(_pm(s["stage_metrics"].get(name)) for name in stages),
             *metrics,
             "-" if row == "unoptimized" else _pm(s["improvement"]),
+            "-" if row == "unoptimized" else _gain_cell(s["paired"]),
             _pm(s["lm_calls"], 0),
             _pm(s["tokens"], 0),
             _pm(s["wall_s"], 1),
@@ -111,7 +137,9 @@ def format_table(results: dict[str, Any]) -> str:
         f"selection on {settings['val_size']} validation examples from train "
         f"(bootstrap {settings['bootstrap_size']}).",
         f"Scores: mean ± std over seeds on {where} ({n} examples); selection never saw them. "
-        "Δ score: the task metric minus the unoptimized program's on the same examples.",
+        "Δ score: the task metric minus the unoptimized program's on the same examples. Paired Δ: "
+        f"per example (mean over seeds) minus the unoptimized program's, paired t 95 % interval, n={n}; "
+        "an interval that includes 0 is no gain.",
         "Rows unoptimized and single_stage are not optimized; the LM is deterministic (T=0), so one "
         "evaluation stands for every seed (std 0).",
         "Logical LM calls, tokens and wall time are the optimization's (final scoring excluded), counted by "

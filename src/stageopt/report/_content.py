@@ -139,6 +139,18 @@ def build_content(runs: Sequence[RunData]) -> ReportContent:
     )
 
 
+def _held_out(confirmation: Mapping[str, Any] | None) -> str | None:
+    """``+0.120 [+0.010, +0.230], n=30: confirmed`` from a result's ``confirmation``."""
+    if not confirmation:
+        return None
+    verdict = "confirmed" if confirmation.get("confirmed") else "not confirmed: original returned"
+    gain = confirmation.get("gain")
+    if not gain:
+        return f"not measured ({verdict})"
+    lo, hi = gain["ci95"]
+    return f"{gain['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], n={gain['n']}: {verdict}"
+
+
 def _summary_table(runs: Sequence[RunData], sections: Sequence[RunSection]) -> Table:
     rows: list[list[str]] = []
 
@@ -155,6 +167,8 @@ def _summary_table(runs: Sequence[RunData], sections: Sequence[RunSection]) -> T
     row("baseline validation score", [r.baseline.get("score") for r in results])
     row("best validation score", [r.best.get("score") for r in results])
     row("improvement (validation)", [_delta(r.baseline.get("score"), r.best.get("score")) for r in results])
+    if any(r.confirmation for r in results):
+        row("held-out gain (paired 95 % CI, n)", [_held_out(r.confirmation) for r in results])
     if any(r.before and r.after for r in runs):
         row("dev score before", [r.before.get("score") if r.before else None for r in runs])
         row("dev score after", [r.after.get("score") if r.after else None for r in runs])
