@@ -32,6 +32,7 @@ def test_coordinate_blame_allocation_on_hotpotqa(gemma: LocalLM, tmp_path: Path)
         stage_metrics=task.stage_metrics(),
         bootstrap_size=2,
         val_size=3,
+        confirm_size=0,
         max_rounds=1,
         trials_per_stage=1,
         allocate={"probe_size": 2, "probe_trials_per_stage": 1},

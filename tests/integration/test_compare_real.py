@@ -17,7 +17,8 @@ BUDGET = 30
 def test_compare_on_the_real_model(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     argv = ["compare", "--task", "hotpotqa", "--methods", "joint,mipro", "--budget-calls", str(BUDGET), "--seeds", "1"]
-    assert main([*argv, "--n-eval", "2", "--val-size", "2", "--bootstrap-size", "2", "--out", str(out)]) == 0
+    extra = ["--n-eval", "2", "--val-size", "2", "--bootstrap-size", "2", "--confirm-size", "0"]
+    assert main([*argv, *extra, "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} >= {"results.json", "table.md", "convergence.png"}
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert set(cells) == {"unoptimized/all", "single_stage/all", "joint/seed0", "mipro/seed0"}

@@ -32,6 +32,7 @@ def test_run_and_worker_score_jobs_with_the_embedded_model(pg_url: str, tmp_path
     run = subprocess.Popen(
         [STAGEOPT, "optimize", "--task", "hotpotqa", "--strategy", "random", "--option", "patience=null",
          "--budget-calls", str(BUDGET), "--val-size", "2", "--bootstrap-size", "2", "--n-train", "10",
+         "--confirm-size", "0",
          "--storage", pg_url, "--study", "real", "--parallel-trials", "2", "--no-cache", "--out", str(run_dir)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

@@ -57,7 +57,9 @@ def test_cli_optimize_then_eval_on_real_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
     budget = 45
     args = ["optimize", "--task", "hotpotqa", "--budget-calls", str(budget), "--out", str(out), "--no-cache"]
-    done = _stageopt(*args, "--data-dir", str(data), "--val-size", "2", "--bootstrap-size", "3", cwd=tmp_path)
+    done = _stageopt(
+        *args, "--data-dir", str(data), "--val-size", "2", "--bootstrap-size", "3", "--confirm-size", "0", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "result.json").read_text())
     assert result["usage"]["lm_calls"] <= budget

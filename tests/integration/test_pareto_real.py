@@ -40,6 +40,7 @@ def test_pareto_score_against_tokens_on_hotpotqa(gemma: LocalLM, tmp_path: Path)
         stage_metrics=task.stage_metrics(),
         bootstrap_size=2,
         val_size=3,
+        confirm_size=0,
         seed=0,
         run_dir=tmp_path,
     )

@@ -46,6 +46,7 @@ def test_pbt_warm_started_from_a_joint_run_on_hotpotqa(gemma: LocalLM, tmp_path:
         "stage_metrics": task.stage_metrics(),
         "bootstrap_size": 1,
         "val_size": 2,
+        "confirm_size": 0,
         # one proposed instruction per stage: proposals are the slowest calls on 2 cores
         "instruction_proposer": LMInstructionProposer(num_candidates=1, max_attempts=1),
     }

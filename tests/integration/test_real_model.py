@@ -61,6 +61,7 @@ def test_tiny_optimization_on_real_model(gemma: LocalLM, tmp_path: Path) -> None
         stage_metrics={"locate": country_metric},
         bootstrap_size=4,
         val_size=6,
+        confirm_size=0,
         max_rounds=1,
         trials_per_stage=2,
         run_dir=tmp_path,

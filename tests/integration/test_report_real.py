@@ -28,7 +28,7 @@ def test_report_on_a_real_optimization_run(
     monkeypatch.setattr(_commands, "resolve_lm", session_model)
     run = tmp_path / "run"
     argv = ["optimize", "--task", "hotpotqa", "--budget-calls", str(BUDGET), "--out", str(run), "--n-train", "8"]
-    assert main([*argv, "--val-size", "2", "--bootstrap-size", "2", "--no-cache"]) == 0
+    assert main([*argv, "--val-size", "2", "--bootstrap-size", "2", "--no-cache", "--confirm-size", "0"]) == 0
     result = json.loads((run / "result.json").read_text())
     assert result["usage"]["lm_calls"] <= BUDGET
 

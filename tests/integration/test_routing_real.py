@@ -59,6 +59,7 @@ def test_joint_search_over_models_and_structure(gemma: LocalLM, smol: LocalLM, t
         stage_metrics=task.stage_metrics(),
         bootstrap_size=2,
         val_size=2,
+        confirm_size=0,
         seed=0,
         n_trials=3,
         run_dir=tmp_path,

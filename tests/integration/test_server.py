@@ -82,6 +82,7 @@ def test_optimize_through_openai_compatible_server(server: str) -> None:
         stage_metrics={"locate": country_metric},
         bootstrap_size=4,
         val_size=4,
+        confirm_size=0,
         max_rounds=1,
         trials_per_stage=2,
     )

@@ -36,6 +36,7 @@ def test_strategy_runs_on_the_real_model(name: str, cached_gemma: LocalLM, tmp_p
         stage_metrics=task.stage_metrics(),
         bootstrap_size=2,
         val_size=2,
+        confirm_size=0,  # 40 calls: room for trials, not for a held-out check (test_confirm_real)
         seed=0,
         run_dir=tmp_path,
     )

@@ -28,6 +28,12 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-split", default="dev", help="split the final programs are scored on (default: dev)")
     parser.add_argument("--n-eval", type=int, default=20, help="examples of --eval-split scored (0: only --test)")
     parser.add_argument("--val-size", type=int, default=10, help="validation examples (from train) for selection")
+    parser.add_argument(
+        "--confirm-size",
+        type=int,
+        default=20,
+        help="held-out training examples stageopt's strategies confirm their choice on (same budget; 0: none)",
+    )
     parser.add_argument("--bootstrap-size", type=int, default=8, help="training examples traced for demos")
     parser.add_argument("--resume", action="store_true", help="continue the comparison in --out, skipping done cells")
 
@@ -54,6 +60,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         budget_calls=args.budget_calls,
         val_size=args.val_size,
         bootstrap_size=args.bootstrap_size,
+        confirm_size=args.confirm_size,
         eval_split=args.eval_split,
         n_eval=args.n_eval,
         test=str(Path(args.test).resolve()) if args.test else None,

@@ -50,6 +50,7 @@ class CompareConfig:
         budget_calls: Logical LM calls per cell (proposals and reflection included).
         val_size: Validation examples (from train) candidates are selected on.
         bootstrap_size: Training examples traced for demos.
+        confirm_size: Held-out training examples stageopt's strategies confirm their choice on.
         eval_split: Split the final programs are scored on.
         n_eval: Examples of ``eval_split`` scored (0: none, only ``test``).
         test: Path of a JSONL file in the task's format, also scored, never used in selection.
@@ -70,9 +71,11 @@ class CompareConfig:
     num_threads: int = 1
     lm: str | None = None
     adapter: str | None = None
+    confirm_size: int = 20
 
     def __post_init__(self) -> None:
         checks = (
+            ("confirm_size", self.confirm_size, 0),
             ("budget_calls", self.budget_calls, 1),
             ("val_size", self.val_size, 1),
             ("bootstrap_size", self.bootstrap_size, 1),
@@ -293,6 +296,7 @@ class Comparison:
             val_size=self.config.val_size,
             bootstrap_size=self.config.bootstrap_size,
             num_threads=self.config.num_threads,
+            confirm_size=self.config.confirm_size,
         )
         cell: dict[str, Any] = {"method": method, "seed": seed}
         begin = time.perf_counter()

@@ -40,6 +40,8 @@ class MethodContext:
         budget_calls: Logical LM calls the method may spend.
         seed: The cell's seed.
         val_size: Validation examples (from ``trainset``) candidates are selected on.
+        confirm_size: Held-out training examples stageopt's strategies confirm their choice on
+            (paid from the same budget; 0: none). DSPy's optimizers do not confirm.
         bootstrap_size: Training examples traced for demos / reflected on.
         num_threads: Examples evaluated in parallel by stageopt's strategies (DSPy's run on 1).
     """
@@ -53,6 +55,7 @@ class MethodContext:
     val_size: int = 10
     bootstrap_size: int = 8
     num_threads: int = 1
+    confirm_size: int = 20
 
 
 @dataclass
@@ -120,6 +123,7 @@ def run_stageopt(strategy: str, ctx: MethodContext) -> MethodOutcome:
         seed=ctx.seed,
         storage=optuna.storages.InMemoryStorage(),
         val_size=ctx.val_size,
+        confirm_size=ctx.confirm_size,
         bootstrap_size=ctx.bootstrap_size,
         num_threads=ctx.num_threads,
     )
