@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from stageopt.proposers import (
     ProposalContext,
 )
 from stageopt.strategies._checks import check_metric
-from stageopt.strategies._confirm import check_choice, hold_for_confirmation
+from stageopt.strategies._confirm import check_choice, hold_for_confirmation, split_examples
 from stageopt.strategies._constraints import Limits, TrialMeasures, constraints_func, limits_note
 from stageopt.strategies._result import OptimizationResult, TrialRecord
 from stageopt.strategies._space import SearchSpace, config_key, validate_models, validate_settings
@@ -311,28 +310,14 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         ones. ``confirm_size`` of it (at most half) are set aside for confirmation, chosen by
         the seed; validation is then sampled from the rest (``val_size``).
         """
-        rng = random.Random(self.seed)
-        if valset is None:
-            shuffled = list(trainset)
-            rng.shuffle(shuffled)
-            if len(shuffled) < 2:
-                raise ConfigurationError("with no valset, `trainset` needs at least 2 examples to split")
-            cut = max(1, min(self.bootstrap_size, len(shuffled) // 2))
-            boot, val = shuffled[:cut], shuffled[cut:]
-        else:
-            if not valset:
-                raise ConfigurationError("`valset` is empty: give examples or leave it None")
-            boot = rng.sample(list(trainset), min(self.bootstrap_size, len(trainset)))
-            val = list(valset)
-        confirm: list[dspy.Example] = []
-        n_confirm = min(self.confirm_size, len(val) // 2)
-        if n_confirm:
-            held = set(random.Random(self.seed + 2).sample(range(len(val)), n_confirm))
-            confirm = [x for i, x in enumerate(val) if i in held]
-            val = [x for i, x in enumerate(val) if i not in held]
-        if self.val_size is not None and len(val) > self.val_size:
-            val = random.Random(self.seed + 1).sample(val, self.val_size)
-        return boot, val, confirm
+        return split_examples(
+            trainset,
+            valset,
+            seed=self.seed,
+            bootstrap_size=self.bootstrap_size,
+            val_size=self.val_size,
+            confirm_size=self.confirm_size,
+        )
 
     def default_sampler(self) -> optuna.samplers.BaseSampler:
         """The sampler used when none is given: multivariate TPE, seeded (strategies may override).

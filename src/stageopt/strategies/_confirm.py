@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stageopt._errors import BudgetExhaustedError, EvaluationError
+import dspy
+
+from stageopt._errors import BudgetExhaustedError, ConfigurationError, EvaluationError
 from stageopt.evaluation import PairedGain, evaluate, paired_gain
 from stageopt.strategies._space import Config, config_key
 
@@ -65,6 +68,45 @@ class Confirmation:
                 "params": state.space.describe(self.candidate.params),
             },
         }
+
+
+def split_examples(
+    trainset: list[dspy.Example],
+    valset: list[dspy.Example] | None,
+    *,
+    seed: int,
+    bootstrap_size: int,
+    val_size: int | None,
+    confirm_size: int,
+) -> tuple[list[dspy.Example], list[dspy.Example], list[dspy.Example]]:
+    """Bootstrap, validation and confirmation examples, disjoint, chosen by ``seed``.
+
+    The validation pool is ``valset``, or the training examples left after the bootstrap ones.
+    ``confirm_size`` of it (at most half) are set aside for confirmation; validation is then
+    sampled from the rest (``val_size``; None: all of it).
+    """
+    rng = random.Random(seed)
+    if valset is None:
+        shuffled = list(trainset)
+        rng.shuffle(shuffled)
+        if len(shuffled) < 2:
+            raise ConfigurationError("with no valset, `trainset` needs at least 2 examples to split")
+        cut = max(1, min(bootstrap_size, len(shuffled) // 2))
+        boot, val = shuffled[:cut], shuffled[cut:]
+    else:
+        if not valset:
+            raise ConfigurationError("`valset` is empty: give examples or leave it None")
+        boot = rng.sample(list(trainset), min(bootstrap_size, len(trainset)))
+        val = list(valset)
+    confirm: list[dspy.Example] = []
+    n_confirm = min(confirm_size, len(val) // 2)
+    if n_confirm:
+        held = set(random.Random(seed + 2).sample(range(len(val)), n_confirm))
+        confirm = [x for i, x in enumerate(val) if i in held]
+        val = [x for i, x in enumerate(val) if i not in held]
+    if val_size is not None and len(val) > val_size:
+        val = random.Random(seed + 1).sample(val, val_size)
+    return boot, val, confirm
 
 
 def confirmation_calls(state: RunState) -> int:
