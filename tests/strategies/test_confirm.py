@@ -215,3 +215,21 @@ def test_every_strategy_confirms() -> None:
     assert optimizer.result is not None
     assert optimizer.result.confirmation is not None
     assert optimizer.result.confirmation["confirmed"]
+
+
+def test_a_choice_that_changes_nothing_held_out_says_so() -> None:
+    _, _, held_out = _random(noise_answer).split_confirm(_examples(), None)
+    hidden = {f"Question: {x.question}" for x in held_out}
+
+    def wrong_on_held_out(prompt: str) -> str:
+        if any(prompt.rstrip().endswith(h) or f"{h}\n" in prompt.split("---")[-1] for h in hidden):
+            return " no"
+        return noise_answer(prompt)
+
+    _, result = _run(_random(wrong_on_held_out))
+    conf = result.confirmation
+    assert conf is not None
+    assert conf["gain"] is not None
+    assert conf["gain"]["ci95"] == [0.0, 0.0]
+    assert not conf["confirmed"]
+    assert "both programs scored the same on every held-out example" in conf["reason"]

@@ -151,11 +151,12 @@ def confirm(state: RunState, candidate: TrialRecord, baseline: TrialRecord) -> C
     if gain.significant:
         why = f"gain {gain.describe()} on held-out examples; its {level} lower bound {gain.lower:+.3f} is above 0"
         return Confirmation(True, why, gain, candidate)
-    detect = (
-        f"; with n={gain.n} a gain of {gain.detectable_gain:.3f} could have been detected"
-        if gain.detectable_gain is not None
-        else ""
-    )
+    if gain.detectable_gain is not None:
+        detect = f"; with n={gain.n} a gain of {gain.detectable_gain:.3f} could have been detected"
+    elif gain.ci95[0] == gain.ci95[1] == 0.0:
+        detect = "; both programs scored the same on every held-out example"
+    else:
+        detect = ""
     why = (
         f"trial {candidate.trial} scored {candidate.score:.3f} on validation, but on {gain.n} held-out "
         f"examples its gain is {gain.describe()}, {level} lower bound {gain.lower:+.3f} <= 0{detect}. "
