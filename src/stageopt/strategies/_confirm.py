@@ -14,6 +14,7 @@ are stored in the study, so a resumed run does not pay twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import dspy
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError, EvaluationError
-from stageopt.evaluation import PairedGain, evaluate, paired_gain
+from stageopt.evaluation import PairedGain, paired_gain
 from stageopt.strategies._space import Config, config_key
 
 if TYPE_CHECKING:
@@ -186,19 +187,6 @@ def check_choice(state: RunState, best: TrialRecord | None, baseline: TrialRecor
 
 
 def _score(state: RunState, config: Config, *, desc: str) -> list[float]:
-    """Per-example scores of ``config`` on the confirmation examples."""
-    opt = state.optimizer
-    report = evaluate(
-        state.space.apply(state.program, config),
-        state.confirmset,
-        opt.metric,
-        lm=state.lm,
-        adapter=opt.adapter,
-        stage_metrics=opt.stage_metrics,
-        ledger=state.ledger,
-        num_threads=opt.num_threads,
-        max_errors=opt.max_errors,
-        progress=opt.progress,
-        desc=desc,
-    )
-    return [float(e.score) for e in report.examples]
+    """Per-example scores of ``config`` on the confirmation examples (the run's own scorer)."""
+    scorer = dataclasses.replace(state.scorer(), valset=state.confirmset)
+    return list(scorer.score(config, len(state.confirmset), desc=desc).example_scores)

@@ -455,13 +455,18 @@ class TrialRequest:
 
 @dataclass(frozen=True)
 class Scored:
-    """One evaluation of a configuration: its scores, its cost per example and the calls it made."""
+    """One evaluation of a configuration: its scores, its cost per example and the calls it made.
+
+    ``example_scores`` are the per-example scores in order (empty when only the mean came back,
+    e.g. from a ``stageopt worker``).
+    """
 
     score: float
     stage_metrics: dict[str, float]
     measures: TrialMeasures
     lm_calls: int
     n: int
+    example_scores: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -522,5 +527,10 @@ class Scorer:
             desc=desc,
         )
         return Scored(
-            report.score, dict(report.stage_metrics), measure(report.examples, self.prices), report.usage.lm_calls, n
+            report.score,
+            dict(report.stage_metrics),
+            measure(report.examples, self.prices),
+            report.usage.lm_calls,
+            n,
+            tuple(float(e.score) for e in report.examples),
         )
