@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import dspy
 import pytest
+from scipy import stats
 
 from stageopt import ConfigurationError
 from stageopt.diagnostics import (
@@ -133,7 +134,7 @@ def test_intervals_reflect_the_spread_over_examples() -> None:
     for i, stage in enumerate(["s0", "s1", "s2"]):
         values = [w[i] for w in WEIGHTS]
         s = result.stages[stage]
-        half = 1.96 * _stdev(values) / math.sqrt(len(values))
+        half = stats.t.ppf(0.975, len(values) - 1) * _stdev(values) / math.sqrt(len(values))  # Student t
         assert s.ci95 == pytest.approx((s.shapley - half, s.shapley + half))
         assert s.ci95[0] < s.shapley < s.ci95[1]
 

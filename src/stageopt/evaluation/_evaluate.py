@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dspy
+from scipy import stats
 
 from stageopt._errors import (
     BudgetExhaustedError,
@@ -121,7 +122,7 @@ class EvaluationReport:
 
 
 def mean_ci95(values: Sequence[float], *, clip: bool = True) -> tuple[float, tuple[float, float]]:
-    """Mean and normal-approximation 95 % interval of the mean (degenerate for n < 2).
+    """Mean and Student-t 95 % interval of the mean (``scipy.stats.t``; degenerate for n < 2 or no spread).
 
     With ``clip`` the interval is kept within [0, 1] (scores); without, it is left as computed
     (differences of scores may be negative).
@@ -129,12 +130,13 @@ def mean_ci95(values: Sequence[float], *, clip: bool = True) -> tuple[float, tup
     if not values:
         return 0.0, (0.0, 0.0)
     mean = statistics.fmean(values)
-    if len(values) < 2:
+    sem = float(stats.sem(values)) if len(values) >= 2 else 0.0
+    if not sem or math.isnan(sem):
         return mean, (mean, mean)
-    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    low, high = (float(x) for x in stats.t.interval(0.95, len(values) - 1, loc=mean, scale=sem))
     if clip:
-        return mean, (max(0.0, mean - half), min(1.0, mean + half))
-    return mean, (mean - half, mean + half)
+        return mean, (max(0.0, low), min(1.0, high))
+    return mean, (low, high)
 
 
 def stage_names(program: dspy.Module) -> dict[int, str]:
