@@ -97,7 +97,7 @@ def coalition_label(coalition: Iterable[str], stages: Sequence[str]) -> str:
 
 
 def mean_ci95_signed(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
-    """Mean and normal-approximation 95 % interval of the mean, not clipped (differences may be negative)."""
+    """Mean and Student-t 95 % interval of the mean, not clipped (differences may be negative)."""
     return mean_ci95(values, clip=False)
 
 
