@@ -120,9 +120,10 @@ def make_testbed(
     weights: QualityWeights | None = None,
     pool_size: int = 6,
     stage_offsets: Sequence[float] | None = None,
+    n_val: int = 20,
 ) -> Testbed:
     """A :class:`Testbed`, on a :class:`ShapedWorld` when ``stage_offsets`` is given."""
-    testbed = Testbed(n_stages, seed=seed, weights=weights, pool_size=pool_size)
+    testbed = Testbed(n_stages, seed=seed, weights=weights, pool_size=pool_size, n_val=n_val)
     if stage_offsets is not None:
         testbed.world = ShapedWorld(
             n_stages,
@@ -179,6 +180,7 @@ def run_one(
     options: Mapping[str, Any] | None = None,
     stage_offsets: Sequence[float] | None = None,
     gap_fractions: Sequence[float] = GAP_FRACTIONS,
+    n_val: int = 20,
 ) -> BenchRun:
     """Run ``strategy`` on the world of ``seed``; a failing strategy becomes an ``error`` run.
 
@@ -193,6 +195,8 @@ def run_one(
         options: Extra constructor settings of a stageopt strategy (e.g. ``{"max_rounds": 2}``).
         stage_offsets: Logit offset of each stage (a :class:`ShapedWorld`; None: the plain world).
         gap_fractions: Fractions of the baseline-to-optimum gap for ``calls_to_gap``.
+        n_val: Labelled validation examples the strategy gets (its ``valset``; confirmation
+            examples are held out of it).
 
     A strategy's own test can show that it improves on the baseline:
     ``run = run_one("coordinate", budget_calls=600, seed=0); assert run.true_score > run.baseline``.
@@ -203,7 +207,9 @@ def run_one(
         raise ConfigurationError(f"`threshold` must be in (0, 1], got {threshold=}")
     if any(not 0 < f <= 1 for f in gap_fractions):
         raise ConfigurationError(f"`gap_fractions` must be in (0, 1], got {list(gap_fractions)}")
-    testbed = make_testbed(n_stages, seed=seed, weights=weights, pool_size=pool_size, stage_offsets=stage_offsets)
+    testbed = make_testbed(
+        n_stages, seed=seed, weights=weights, pool_size=pool_size, stage_offsets=stage_offsets, n_val=n_val
+    )
     optimum = testbed.optimum().score
     run = BenchRun(strategy, seed, "error", optimum, testbed.true_score(testbed.program()))
     run.stage_offsets = list(stage_offsets) if stage_offsets is not None else None
