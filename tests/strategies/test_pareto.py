@@ -262,3 +262,19 @@ def test_cli_run_and_report_show_the_front(
     assert len(table) - 1 == len(front["points"])
     assert any(row[0].endswith("(returned)") for row in table[1:])
     assert 'id="pareto-plot-1-1"' in report.read_text()
+
+
+def test_a_trade_off_pick_is_not_held_to_a_score_gain_but_a_best_score_pick_is() -> None:
+    examples = city_examples()
+    traded = _pareto(confirm_size=3, rule=ParetoRule(best="tokens"))
+    traded.compile(CapitalOfCity(), trainset=examples[:6], valset=examples[6:])
+    assert traded.result is not None
+    assert traded.result.confirmation is not None
+    assert traded.result.confirmation["confirmed"]
+    assert "trade-off" in traded.result.confirmation["reason"]
+    assert traded.result.status != "no_significant_gain"
+    scored = _pareto(confirm_size=3, rule=ParetoRule(best="score"))
+    scored.compile(CapitalOfCity(), trainset=examples[:6], valset=examples[6:])
+    assert scored.result is not None
+    assert scored.result.confirmation is not None
+    assert "trade-off" not in scored.result.confirmation["reason"]

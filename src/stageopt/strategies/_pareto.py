@@ -481,6 +481,22 @@ class Pareto(BaseStageOptimizer):
         note["picked"] = chosen.trial
         return next(r for r in state.records if r.trial == chosen.trial)
 
+    def confirmation(
+        self, state: RunState, best: TrialRecord | None, baseline: TrialRecord | None
+    ) -> dict[str, Any] | None:
+        """A rule that picks the best score is confirmed like any choice; a trade-off is not.
+
+        A rule with bounds or another objective to optimize picks for cost, not for a score
+        gain, so a held-out score gain is not required of it (nothing is spent on it).
+        """
+        rule = self.rule
+        if isinstance(rule, ParetoRule) and rule.best == "score" and not rule.at_most and not rule.at_least:
+            return super().confirmation(state, best, baseline)
+        if not state.confirmset or best is None or baseline is None:
+            return None
+        why = f"picked from the Pareto front by {state.notes.get('pareto', {}).get('rule')}: a trade-off, not confirmed"
+        return {"confirmed": True, "reason": why, "n": len(state.confirmset), "gain": None, "candidate": None}
+
     def program_for(self, point: ParetoPoint) -> dspy.Module:
         """The program of a front point of the last :meth:`compile` (on the caller's LMs)."""
         if self._rebuild is None:
