@@ -173,6 +173,7 @@ def test_optimize_writes_result_program_and_study(
     assert result["usage"]["lm_calls"] <= 60
     assert set(result["usage"]) >= {"lm_calls", "backend_calls", "prompt_tokens", "completion_tokens", "wall_s"}
     assert {"trial", "lm_calls", "score", "stage"} <= set(result["history"][0])
+    assert result["notes"]["racing"]["settings"] == {"p_threshold": 0.1, "min_examples": 10, "step": 5}
     assert "run directory" in capsys.readouterr().out
 
     # the saved program loads with DSPy's own `load` and `eval --program` scores it
@@ -180,6 +181,15 @@ def test_optimize_writes_result_program_and_study(
     # a second run into the same directory is refused unless resumed
     assert main(argv) == 2
     assert "--resume" in _error_line(capsys)
+
+
+def test_no_racing_scores_every_candidate_on_every_example(data: Path, scripted: None, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["optimize", "--data-dir", str(data), "--budget-calls", "60", "--out", str(out), "--val-size", "3"]
+    assert main([*argv, "--bootstrap-size", "3", "--no-racing"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["notes"]["racing"]["settings"] is None
+    assert not any(t["pruned"] for t in result["history"])
 
 
 def test_parser_lists_every_registered_strategy() -> None:

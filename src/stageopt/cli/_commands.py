@@ -15,7 +15,7 @@ from typing import Any
 import dspy
 
 from stageopt._errors import ConfigurationError
-from stageopt.cli._limits import confirmation_lines, limit_options, outcome_lines, resolve_strategy
+from stageopt.cli._limits import confirmation_lines, limit_options, outcome_lines, racing_lines, resolve_strategy
 from stageopt.cli._routing import build_models, load_program, save_program, search_settings
 from stageopt.cli._worker import worker_context
 from stageopt.distributed import is_shared_storage
@@ -172,6 +172,7 @@ def _run_optimizer(
         val_size=args.val_size,
         confirm_size=getattr(args, "confirm_size", 20),
         confidence=getattr(args, "confidence", 0.9),
+        racing=not getattr(args, "no_racing", False),
         bootstrap_size=args.bootstrap_size,
         num_threads=args.num_threads,
         progress=True,
@@ -369,7 +370,7 @@ def returned_original(result: OptimizationResult) -> bool:
 
 def demo_verdict(before: EvaluationReport, after: EvaluationReport, result: OptimizationResult) -> list[str]:
     """The held-out confirmation, then the dev gain of the returned program, paired, with its interval."""
-    lines = confirmation_lines(result)
+    lines = [*racing_lines(result), *confirmation_lines(result)]
     if returned_original(result):
         lines.append("dev: the original program was returned, so there is no gain to report (before = after)")
         return lines

@@ -34,6 +34,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         default=20,
         help="held-out training examples stageopt's strategies confirm their choice on (same budget; 0: none)",
     )
+    parser.add_argument(
+        "--no-racing",
+        action="store_true",
+        help="stageopt's strategies score every candidate on every validation example (no racing)",
+    )
     parser.add_argument("--bootstrap-size", type=int, default=8, help="training examples traced for demos")
     parser.add_argument("--resume", action="store_true", help="continue the comparison in --out, skipping done cells")
 
@@ -61,6 +66,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         val_size=args.val_size,
         bootstrap_size=args.bootstrap_size,
         confirm_size=args.confirm_size,
+        racing=not args.no_racing,
         eval_split=args.eval_split,
         n_eval=args.n_eval,
         test=str(Path(args.test).resolve()) if args.test else None,

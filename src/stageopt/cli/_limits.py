@@ -153,6 +153,7 @@ def outcome_lines(result: OptimizationResult) -> list[str]:
     ]
     if result.status == "infeasible":
         lines.append("no configuration met the limits: the original program was saved (see result.json notes.limits)")
+    lines.extend(racing_lines(result))
     lines.extend(confirmation_lines(result))
     front = (result.notes.get("pareto") or {}).get("front")
     if front:
@@ -164,6 +165,18 @@ def outcome_lines(result: OptimizationResult) -> list[str]:
             values = "  ".join(f"{_num(point['values'][o]):>10}" for o in objectives)
             lines.append(f"  {point['trial']:>5}  {values}  {'yes' if point['feasible'] else 'no':>8}{mark}")
     return lines
+
+
+def racing_lines(result: OptimizationResult) -> list[str]:
+    """What racing saved (nothing when the run did not race or pruned nothing)."""
+    note = result.notes.get("racing") or {}
+    if not note.get("settings") or not note.get("pruned_trials"):
+        return []
+    return [
+        f"racing: {note['pruned_trials']} of {note['trials']} candidates dropped early; "
+        f"{note['example_evaluations_saved']} of {note['example_evaluations'] + note['example_evaluations_saved']} "
+        f"example-evaluations saved ({note['saved_share']:.0%})"
+    ]
 
 
 def confirmation_lines(result: OptimizationResult) -> list[str]:

@@ -51,6 +51,12 @@ def _confirm_options(parser: argparse.ArgumentParser, *, default_size: int) -> N
         default=0.9,
         help="level of the one-sided lower bound of the held-out paired gain that must be above 0",
     )
+    parser.add_argument(
+        "--no-racing",
+        action="store_true",
+        help="score every candidate on every validation example (default: drop one once a paired "
+        "Wilcoxon test says it is worse than the best)",
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,7 @@ class CompareConfig:
         val_size: Validation examples (from train) candidates are selected on.
         bootstrap_size: Training examples traced for demos.
         confirm_size: Held-out training examples stageopt's strategies confirm their choice on.
+        racing: Whether stageopt's strategies race candidates on the validation set.
         eval_split: Split the final programs are scored on.
         n_eval: Examples of ``eval_split`` scored (0: none, only ``test``).
         test: Path of a JSONL file in the task's format, also scored, never used in selection.
@@ -72,6 +73,7 @@ class CompareConfig:
     lm: str | None = None
     adapter: str | None = None
     confirm_size: int = 20
+    racing: bool = True
 
     def __post_init__(self) -> None:
         checks = (
@@ -297,6 +299,7 @@ class Comparison:
             bootstrap_size=self.config.bootstrap_size,
             num_threads=self.config.num_threads,
             confirm_size=self.config.confirm_size,
+            racing=self.config.racing,
         )
         cell: dict[str, Any] = {"method": method, "seed": seed}
         begin = time.perf_counter()

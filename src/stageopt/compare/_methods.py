@@ -42,6 +42,7 @@ class MethodContext:
         val_size: Validation examples (from ``trainset``) candidates are selected on.
         confirm_size: Held-out training examples stageopt's strategies confirm their choice on
             (paid from the same budget; 0: none). DSPy's optimizers do not confirm.
+        racing: Whether stageopt's strategies race candidates on the validation set.
         bootstrap_size: Training examples traced for demos / reflected on.
         num_threads: Examples evaluated in parallel by stageopt's strategies (DSPy's run on 1).
     """
@@ -56,6 +57,7 @@ class MethodContext:
     bootstrap_size: int = 8
     num_threads: int = 1
     confirm_size: int = 20
+    racing: bool = True
 
 
 @dataclass
@@ -124,6 +126,7 @@ def run_stageopt(strategy: str, ctx: MethodContext) -> MethodOutcome:
         storage=optuna.storages.InMemoryStorage(),
         val_size=ctx.val_size,
         confirm_size=ctx.confirm_size,
+        racing=ctx.racing,
         bootstrap_size=ctx.bootstrap_size,
         num_threads=ctx.num_threads,
     )

@@ -151,6 +151,16 @@ def _held_out(confirmation: Mapping[str, Any] | None) -> str | None:
     return f"{gain['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], n={gain['n']}: {verdict}"
 
 
+def _racing(note: Mapping[str, Any] | None) -> str:
+    if not note or not note.get("settings"):
+        return "off"
+    total = note["example_evaluations"] + note["example_evaluations_saved"]
+    return (
+        f"{note['pruned_trials']} of {note['trials']} / {note['example_evaluations_saved']} of {total} "
+        f"({note['saved_share']:.0%})"
+    )
+
+
 def _summary_table(runs: Sequence[RunData], sections: Sequence[RunSection]) -> Table:
     rows: list[list[str]] = []
 
@@ -174,6 +184,8 @@ def _summary_table(runs: Sequence[RunData], sections: Sequence[RunSection]) -> T
         row("dev score after", [r.after.get("score") if r.after else None for r in runs])
     row("trials recorded", [len(r.history) for r in results])
     row("full-fidelity trials", [sum(p.counted for p in best_so_far(r.history)) for r in results])
+    if any((r.notes.get("racing") or {}).get("settings") for r in results):
+        row("racing: dropped early / example-evaluations saved", [_racing(r.notes.get("racing")) for r in results])
     row("Optuna trials (complete)", [sum(s.n_complete for s in r.studies) if r.studies else None for r in runs])
     row(
         "logical LM calls (spent / budget)",

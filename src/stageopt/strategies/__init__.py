@@ -13,6 +13,7 @@ from stageopt.strategies._joint import JointBayesian
 from stageopt.strategies._multifidelity import SuccessiveHalving
 from stageopt.strategies._pareto import Pareto, ParetoFront, ParetoPoint, ParetoRule, hypervolume, pick
 from stageopt.strategies._pbt import PopulationBasedTraining
+from stageopt.strategies._racing import Racing
 from stageopt.strategies._random import RandomSearch
 from stageopt.strategies._result import SCHEMA_VERSION, OptimizationResult, TrialRecord
 from stageopt.strategies._softprompt import SoftPrompt
@@ -76,6 +77,7 @@ __all__ = [
     "ParetoPoint",
     "ParetoRule",
     "PopulationBasedTraining",
+    "Racing",
     "RandomSearch",
     "RunState",
     "ScoredConfig",

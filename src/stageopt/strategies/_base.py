@@ -32,6 +32,7 @@ from stageopt.proposers import (
 from stageopt.strategies._checks import check_metric
 from stageopt.strategies._confirm import check_choice, hold_for_confirmation, split_examples
 from stageopt.strategies._constraints import Limits, TrialMeasures, constraints_func, limits_note
+from stageopt.strategies._racing import Racing, racing_note, resolve_racing
 from stageopt.strategies._result import OptimizationResult, TrialRecord
 from stageopt.strategies._space import SearchSpace, config_key, validate_models, validate_settings
 from stageopt.strategies._state import RunState, StopSearch
@@ -65,6 +66,11 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         confidence: Level of the one-sided lower bound of the paired gain on the confirmation
             examples; the choice is returned only when that bound is above 0, otherwise the
             original program, with status ``no_significant_gain`` (see :mod:`~stageopt.strategies._confirm`).
+        racing: How candidates scored on the whole validation set are raced: slice by slice,
+            dropped once Optuna's ``WilcoxonPruner`` finds them worse than the best trial on the
+            same examples (a :class:`~stageopt.strategies.Racing`; True: its defaults; False:
+            every candidate scored on every example). Applies to validation sets larger than
+            ``min_examples``; see :mod:`~stageopt.strategies._racing`.
         seed: Seed of the sampler, data split and proposers.
         sampler: Optuna sampler (default ``TPESampler(multivariate=True, group=True, seed=seed)``).
         storage: Optuna storage URL or object (default: SQLite in ``run_dir``, else in memory).
@@ -115,6 +121,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         val_size: int | None = 20,
         confirm_size: int | None = 20,
         confidence: float = 0.9,
+        racing: Racing | bool = True,
         seed: int = 0,
         sampler: optuna.samplers.BaseSampler | None = None,
         storage: str | optuna.storages.BaseStorage | None = None,
@@ -156,6 +163,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         self.val_size = val_size
         self.confirm_size = confirm_size or 0
         self.confidence = float(confidence)
+        self.racing = resolve_racing(racing)
         self.seed = seed
         self.sampler = sampler
         self.storage = storage
@@ -390,6 +398,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 study_name=self.study_name or self.strategy_name,
                 directions=self.directions(),
                 sampler=sampler,
+                pruner=self.racing.pruner() if self.racing is not None else None,
                 load_if_exists=True,
             )
 
@@ -400,7 +409,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         checkpoint = study.user_attrs.get("usage_latest")
         if checkpoint and checkpoint.get("lm_calls", 0) >= latest.get("lm_calls", 0):
             latest = dict(checkpoint)
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for trial in study.get_trials(deepcopy=False, states=_FINISHED):
             usage = trial.user_attrs.get("usage")
             if usage and usage.get("lm_calls", 0) >= latest.get("lm_calls", 0):
                 latest = usage
@@ -502,15 +511,19 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         for trial in state.study.get_trials(deepcopy=False):
             if trial.state == optuna.trial.TrialState.RUNNING:
                 state.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            elif trial.state == optuna.trial.TrialState.COMPLETE and "phase" in trial.user_attrs:
+            elif trial.state in _FINISHED and "phase" in trial.user_attrs:
                 attrs = trial.user_attrs
                 known = set(TrialRecord.__dataclass_fields__)
                 record = TrialRecord(**{k: v for k, v in attrs.items() if k in known})
                 state.records.append(record)
-                key = f"{config_key(record.params)}@{record.fidelity}" + (
-                    f"#{record.variant}" if record.variant else ""
-                )
+                # A pruned trial stands for its configuration on the whole validation set.
+                size = state.full_fidelity if record.pruned else record.fidelity
+                key = f"{config_key(record.params)}@{size}" + (f"#{record.variant}" if record.variant else "")
                 state.scores[key] = (record.score, record.stage_metrics)
+                if record.pruned:
+                    state.pruned[key] = record.fidelity
+                if trial.intermediate_values:
+                    state.example_scores[key] = tuple(v for _, v in sorted(trial.intermediate_values.items()))
                 if record.objectives is not None:
                     state.measures[key] = TrialMeasures.from_dict(record.objectives)
                 state.calls_per_example = attrs.get("calls_per_example", state.calls_per_example)
@@ -567,6 +580,7 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
                 ),
                 "proposals": state.study.user_attrs.get("proposal_notes", {}),
                 **{k: v for k, v in state.notes.items() if k != "stopping_checks"},
+                "racing": racing_note(self.racing, state.records, state.full_fidelity),
                 "stopping": self.stopping_note(state, search_status, search_reason),
                 **(
                     {"distributed": {"parallel_trials": self.parallel_trials, **state.executor.queue.summary()}}
@@ -617,6 +631,9 @@ class BaseStageOptimizer(Teleprompter, abc.ABC):
         if "stopping_checks" in state.notes:
             note["checks"] = list(state.notes["stopping_checks"])
         return _jsonable(note)
+
+
+_FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def _storage_url(storage: str | optuna.storages.BaseStorage | None) -> str | None:

@@ -159,7 +159,10 @@ class Evolutionary(BaseStageOptimizer):
             new = state.trials_in(phase=PHASE, round=generation)
             population = [*elites, *(m["params"] for m in members)]
             # Progress is the best feasible score (with limits, infeasible members never count).
-            top = max((_score(state, c) for c in population if state.is_feasible(c)), default=0.0)
+            # A member racing dropped ranks by the mean of the examples it was scored on, but is never the top.
+            top = max(
+                (_score(state, c) for c in population if state.is_feasible(c) and not state.is_pruned(c)), default=0.0
+            )
             if generation:
                 stale = stale + 1 if top - best < self.min_delta else 0
                 idle = 0 if new else idle + 1
@@ -274,7 +277,7 @@ def _draw(rng: random.Random, state: RunState, stage: str, other_than: dict[str,
 
 
 def _score(state: RunState, config: Config) -> float:
-    """The full-validation score of a configuration already scored."""
+    """The full-validation score of a configuration already scored (racing dropped it: the mean it had then)."""
     return state.scores[f"{config_key(config)}@{state.full_fidelity}"][0]
 
 

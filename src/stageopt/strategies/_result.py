@@ -37,6 +37,8 @@ class TrialRecord:
             None in results written before it was measured.
         feasible: Whether the configuration met the run's limits (True when there are none).
         violations: The limits it broke, one readable line each.
+        pruned: True when racing dropped it part-way: ``fidelity`` is the examples it was
+            scored on and ``score`` their mean; it never counts as the best.
     """
 
     trial: int
@@ -55,6 +57,7 @@ class TrialRecord:
     objectives: dict[str, Any] | None = None
     feasible: bool = True
     violations: list[str] = field(default_factory=list)
+    pruned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record."""

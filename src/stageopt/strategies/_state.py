@@ -8,6 +8,7 @@ and keeps the best full-fidelity trial.
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,9 @@ import dspy
 import optuna
 
 from stageopt._errors import BudgetExhaustedError, ConfigurationError
-from stageopt.evaluation import BudgetLedger, ModelPrice, evaluate
+from stageopt.evaluation import BudgetLedger, EvaluationReport, ModelPrice, evaluate
 from stageopt.strategies._constraints import TrialMeasures, measure, set_constraints
+from stageopt.strategies._racing import race
 from stageopt.strategies._result import TrialRecord
 from stageopt.strategies._space import Config, SearchSpace, config_key
 
@@ -47,6 +49,10 @@ class RunState:
     when the study is on a shared storage: evaluations then go through its job queue, where
     ``stageopt worker`` processes take them (see :mod:`stageopt.distributed`). :attr:`confirmset`
     holds the held-out examples the chosen configuration is confirmed on (never searched on).
+    :attr:`example_scores` keeps each scored configuration's per-example scores (what Optuna is
+    told as intermediate values, and what racing pairs on); :attr:`pruned` the configurations
+    racing dropped, with the examples they were scored on (their entries in :attr:`scores` are
+    the means over those).
     """
 
     optimizer: BaseStageOptimizer
@@ -64,6 +70,8 @@ class RunState:
     notes: dict[str, Any] = field(default_factory=dict)
     executor: Any = None
     confirmset: list[dspy.Example] = field(default_factory=list)
+    example_scores: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    pruned: dict[str, int] = field(default_factory=dict)
 
     @property
     def full_fidelity(self) -> int:
@@ -90,6 +98,32 @@ class RunState:
         """Whether ``config`` was already scored on ``examples`` (default: the validation set)."""
         n = len(examples) if examples is not None else self.full_fidelity
         return f"{config_key(config)}@{n}" in self.scores
+
+    def is_pruned(self, config: Config) -> bool:
+        """Whether racing dropped ``config`` before it was scored on the whole validation set."""
+        return f"{config_key(config)}@{self.full_fidelity}" in self.pruned
+
+    def races(
+        self,
+        examples: Sequence[dspy.Example] | None,
+        variant: str | None,
+        objective: Callable[[TrialRecord], float] | None,
+    ) -> bool:
+        """Whether a trial scored this way is raced (see :mod:`stageopt.strategies._racing`).
+
+        Only a trial on the whole validation set (``examples`` None), run as it is, told its
+        score in a single-objective study, scored in this process: a trial told another value
+        (a stage metric) or on a chosen subset (rungs, slices, probes) is judged another way.
+        """
+        return (
+            self.optimizer.racing is not None
+            and examples is None
+            and variant is None
+            and objective is None
+            and self.executor is None
+            and len(self.study.directions) == 1
+            and self.full_fidelity > self.optimizer.racing.min_examples
+        )
 
     def is_feasible(self, config: Config, examples: Sequence[dspy.Example] | None = None) -> bool:
         """Whether ``config``, scored on ``examples`` (default: the validation set), met the limits.
@@ -176,7 +210,12 @@ class RunState:
             trial = self.study.ask()
         try:
             scored = self.evaluate_config(
-                config, examples=examples, variant=variant, transform=transform, desc=f"trial {trial.number}"
+                config,
+                examples=examples,
+                variant=variant,
+                transform=transform,
+                desc=f"trial {trial.number}",
+                trial=trial if self.races(examples, variant, objective) else None,
             )
         except StopSearch:
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -192,6 +231,7 @@ class RunState:
         transform: Callable[[dspy.Module], dspy.Module] | None = None,
         desc: str = "trial",
         check_budget: bool = True,
+        trial: optuna.trial.Trial | None = None,
     ) -> ScoredConfig:
         """Score ``config`` without recording a trial or telling Optuna (half of :meth:`run_trial`).
 
@@ -205,6 +245,9 @@ class RunState:
             desc: Label of the progress bar.
             check_budget: Refuse up front when the budget cannot pay for an evaluation of this
                 size; pass False when the caller checked the budget for a whole batch.
+            trial: The Optuna trial to race on (see :meth:`races`): the configuration is
+                scored slice by slice, each example's score reported to it, and dropped
+                (``pruned``) once the study's pruner says it is worse than the best trial.
 
         Raises:
             StopSearch: ``budget_exhausted``, before the evaluation or when the budget ran out
@@ -217,12 +260,14 @@ class RunState:
             score, stage_metrics = self.scores[key]
             return ScoredConfig(
                 config,
-                len(examples),
+                self.pruned.get(key, len(examples)),
                 score,
                 stage_metrics,
                 repeated=True,
                 variant=variant,
                 measures=self.measures.get(key),
+                example_scores=self.example_scores.get(key, ()),
+                pruned=key in self.pruned,
             )
         if self.executor is not None and transform is None:
             outcome = self.evaluate_many([config], examples=examples, check_budget=check_budget)[0]
@@ -233,7 +278,11 @@ class RunState:
             reason = self.ledger.exhausted_reason(calls_needed=self.calls_needed(len(examples)))
             if reason is not None:
                 raise StopSearch("budget_exhausted", reason)
+        racing = self.optimizer.racing
         try:
+            if trial is not None and racing is not None and len(examples) == self.full_fidelity and transform is None:
+                scored, pruned = race(self, config, trial, racing, desc)
+                return self.remember(key, config, scored, variant=variant, pruned=pruned, reported=True)
             scored = self.scorer().score(config, len(examples), transform=transform, desc=desc)
         except BudgetExhaustedError as exc:
             raise StopSearch("budget_exhausted", str(exc)) from exc
@@ -257,11 +306,28 @@ class RunState:
             progress=opt.progress,
         )
 
-    def remember(self, key: str, config: Config, scored: Scored, *, variant: str | None = None) -> ScoredConfig:
-        """Keep a fresh evaluation's score and measures under ``key``; the first one sets :attr:`calls_per_example`."""
+    def remember(
+        self,
+        key: str,
+        config: Config,
+        scored: Scored,
+        *,
+        variant: str | None = None,
+        pruned: bool = False,
+        reported: bool = False,
+    ) -> ScoredConfig:
+        """Keep a fresh evaluation's scores and measures under ``key``; the first one sets :attr:`calls_per_example`.
+
+        ``pruned``: racing dropped it after ``scored.n`` examples; ``reported``: its
+        per-example scores were already reported to the trial.
+        """
         self.scores[key] = (scored.score, scored.stage_metrics)
         self.measures[key] = scored.measures
-        if not self.calls_per_example and scored.n:
+        if scored.example_scores:
+            self.example_scores[key] = scored.example_scores
+        if pruned:
+            self.pruned[key] = scored.n
+        if not self.calls_per_example and scored.n and not pruned:
             self.calls_per_example = scored.lm_calls / scored.n
         return ScoredConfig(
             config,
@@ -271,6 +337,9 @@ class RunState:
             repeated=False,
             variant=variant,
             measures=scored.measures,
+            example_scores=scored.example_scores,
+            pruned=pruned,
+            reported=reported,
         )
 
     def evaluate_many(
@@ -279,6 +348,7 @@ class RunState:
         *,
         examples: Sequence[dspy.Example] | None = None,
         check_budget: bool = True,
+        trials: Sequence[optuna.trial.Trial | None] | None = None,
     ) -> list[ScoredConfig | StopSearch]:
         """Score several configurations at once; one outcome per configuration, in order.
 
@@ -287,13 +357,17 @@ class RunState:
         one they are scored here one after another. A configuration the budget cannot pay for
         (counting the ones before it) gets a :class:`StopSearch` instead of a score, as does every
         one after the budget ran out. Repeats (scored before, or earlier in ``configs``) are free.
+        ``trials``: one per configuration (or None) to race on when scored here (see
+        :meth:`evaluate_config`).
         """
         examples = list(examples if examples is not None else self.valset)
         if self.executor is None:
             outcomes: list[ScoredConfig | StopSearch] = []
-            for config in configs:
+            for config, trial in zip(configs, trials or [None] * len(configs), strict=True):
                 try:
-                    outcomes.append(self.evaluate_config(config, examples=examples, check_budget=check_budget))
+                    outcomes.append(
+                        self.evaluate_config(config, examples=examples, check_budget=check_budget, trial=trial)
+                    )
                 except StopSearch as stop:
                     outcomes.append(stop)
             return outcomes
@@ -307,7 +381,8 @@ class RunState:
         (their trials fail).
         """
         asked = [(r, r.trial if r.trial is not None else self.study.ask()) for r in requests]
-        outcomes = self.evaluate_many([r.config for r, _ in asked])
+        raced = self.races(None, None, None)
+        outcomes = self.evaluate_many([r.config for r, _ in asked], trials=[t if raced else None for _, t in asked])
         records: list[TrialRecord] = []
         stop: StopSearch | None = None
         for (request, trial), outcome in zip(asked, outcomes, strict=True):
@@ -375,6 +450,7 @@ class RunState:
             objectives=measures.to_dict() if measures is not None else None,
             feasible=not violations,
             violations=violations,
+            pruned=scored.pruned,
         )
         for name, value in record.to_dict().items():
             trial.set_user_attr(name, value)
@@ -382,7 +458,14 @@ class RunState:
         trial.set_user_attr("calls_per_example", self.calls_per_example)
         if constraints is not None:
             set_constraints(trial, constraints)
-        self.study.tell(trial, objective(record) if objective is not None else self.optimizer.trial_values(record))
+        if not scored.reported and len(self.study.directions) == 1:
+            # Per-example scores as intermediate values: what racing pairs a later candidate with.
+            for index, value in enumerate(scored.example_scores):
+                trial.report(value, index)
+        if scored.pruned:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(trial, objective(record) if objective is not None else self.optimizer.trial_values(record))
         self.records.append(record)
         if self.bar is not None:
             best = self.best
@@ -391,11 +474,12 @@ class RunState:
                 trial=record.trial, score=f"{record.score:.3f}", best=f"{best.score:.3f}" if best else "none feasible"
             )
         logger.info(
-            "trial %d (%s %s) score %.4f%s, %d calls so far",
+            "trial %d (%s %s) score %.4f%s%s, %d calls so far",
             record.trial,
             phase,
             stage or "",
             record.score,
+            f" on {record.fidelity} of {self.full_fidelity} examples (pruned)" if record.pruned else "",
             "" if record.feasible else f" (infeasible: {'; '.join(record.violations)})",
             usage.lm_calls,
         )
@@ -415,6 +499,9 @@ class ScoredConfig:
         variant: The cheaper way it was run, None: as is.
         measures: What the evaluation cost per example (None: not measured, e.g. a score
             restored from a run that did not measure).
+        example_scores: Per-example scores in validation order (empty: not known).
+        pruned: Racing dropped it after ``fidelity`` examples.
+        reported: The per-example scores were reported to the trial already (while racing).
     """
 
     config: Config
@@ -424,6 +511,9 @@ class ScoredConfig:
     repeated: bool
     variant: str | None = None
     measures: TrialMeasures | None = None
+    example_scores: tuple[float, ...] = ()
+    pruned: bool = False
+    reported: bool = False
 
 
 def _check_variant(variant: str | None, transform: Callable[[dspy.Module], dspy.Module] | None) -> None:
@@ -510,12 +600,27 @@ class Scorer:
             BudgetExhaustedError: when the budget ran out before or during the evaluation.
             EvaluationError: when more examples failed than ``max_errors`` allows.
         """
+        return self.summarise([self.run(config, 0, n, transform=transform, desc=desc)])
+
+    def run(
+        self,
+        config: Config,
+        start: int,
+        stop: int,
+        *,
+        transform: Callable[[dspy.Module], dspy.Module] | None = None,
+        desc: str = "trial",
+    ) -> EvaluationReport:
+        """Evaluate ``config`` on validation examples ``start`` to ``stop`` (a slice of a race).
+
+        ``max_errors`` applies to this slice. Raises as :meth:`score`.
+        """
         program = self.space.apply(self.program, config)
         if transform is not None:
             program = transform(program)
-        report = evaluate(
+        return evaluate(
             program,
-            self.valset[:n],
+            self.valset[start:stop],
             self.metric,
             lm=self.lm,
             adapter=self.adapter,
@@ -526,11 +631,23 @@ class Scorer:
             progress=self.progress,
             desc=desc,
         )
+
+    def summarise(self, reports: Sequence[EvaluationReport]) -> Scored:
+        """One :class:`Scored` for consecutive slices' reports (their examples in order)."""
+        examples = [e for report in reports for e in report.examples]
+        scores = tuple(float(e.score) for e in examples)
+        if len(reports) == 1:
+            stage_metrics = dict(reports[0].stage_metrics)
+        else:
+            stage_metrics = {}
+            for name in self.stage_metrics:
+                values = [e.stage_metrics[name] for e in examples if name in e.stage_metrics]
+                stage_metrics[name] = statistics.fmean(values) if values else 0.0
         return Scored(
-            report.score,
-            dict(report.stage_metrics),
-            measure(report.examples, self.prices),
-            report.usage.lm_calls,
-            n,
-            tuple(float(e.score) for e in report.examples),
+            statistics.fmean(scores) if scores else 0.0,
+            stage_metrics,
+            measure(examples, self.prices),
+            sum(report.usage.lm_calls for report in reports),
+            len(examples),
+            scores,
         )
