@@ -1,13 +1,17 @@
-"""Confirmation against the winner's curse, on the testbed (a SIMULATION).
+"""Confirmation and racing against the winner's curse, on the testbed (a SIMULATION).
 
     python benchmarks/confirmation_testbed.py [--seeds 20] [--budget-calls 600] \
         [--strategies coordinate,joint,random] [--out benchmarks/results/confirmation_testbed.json] [--resume]
 
-Each strategy gets the same 40 labelled validation examples per seed, used three ways:
+Each strategy gets the same 40 labelled validation examples per seed, used these ways:
 
 - ``all40``: no confirmation, all 40 to select on (``confirm_size=0, val_size=None``);
 - ``val20``: no confirmation, 20 to select on (the search noise of the next row);
-- ``confirm20``: 20 to select on, 20 held out to confirm on (``confirm_size=20``, confidence 0.9).
+- ``confirm20``: 20 to select on, 20 held out to confirm on (``confirm_size=20``, confidence 0.9);
+- ``race40``, ``race_confirm20``: the same as ``all40`` and ``confirm20`` with racing (Optuna's
+  WilcoxonPruner, stageopt's default ``Racing()``); the rows above score every candidate on
+  every validation example (``racing=False``);
+- ``race_confirm20@60%``: ``race_confirm20`` with 60 % of the budget (same regret, fewer calls?).
 
 For each run the testbed knows the *true* (expected) score of the returned program and of the
 unoptimized one, so it can tell what a user cannot:
@@ -35,16 +39,22 @@ from typing import Any
 from stageopt.testbed import run_one
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "all40": {"confirm_size": 0, "val_size": None},
-    "val20": {"confirm_size": 0, "val_size": 20},
-    "confirm20": {"confirm_size": 20, "val_size": None},
+    "all40": {"confirm_size": 0, "val_size": None, "racing": False},
+    "val20": {"confirm_size": 0, "val_size": 20, "racing": False},
+    "confirm20": {"confirm_size": 20, "val_size": None, "racing": False},
+    "race40": {"confirm_size": 0, "val_size": None, "racing": True},
+    "race_confirm20": {"confirm_size": 20, "val_size": None, "racing": True},
+    "race_confirm20@60%": {"confirm_size": 20, "val_size": None, "racing": True},
 }
+#: Share of ``--budget-calls`` a setting gets (1 unless named here).
+BUDGET_SHARE = {"race_confirm20@60%": 0.6}
 N_VAL = 40
 #: A returned program counts as worse when its true score is below the original's by more than this.
 WORSE_BY = 1e-9
 
 
 def _cell(strategy: str, setting: str, seed: int, budget: int) -> dict[str, Any]:
+    budget = round(budget * BUDGET_SHARE.get(setting, 1.0))
     run = run_one(strategy, budget_calls=budget, seed=seed, options=SETTINGS[setting], n_val=N_VAL)
     true = run.true_score if run.true_score is not None else run.baseline
     return {
@@ -61,6 +71,10 @@ def _cell(strategy: str, setting: str, seed: int, budget: int) -> dict[str, Any]
         "regret": run.optimum - true,
         "val_score": run.val_score,
         "lm_calls": run.lm_calls,
+        "budget_calls": budget,
+        "trials": run.n_trials,
+        "pruned_trials": run.pruned_trials,
+        "example_evaluations_saved": run.example_evaluations_saved,
         "wall_s": run.wall_s,
     }
 
@@ -84,6 +98,11 @@ def _summary(cells: list[dict[str, Any]], strategies: list[str], seeds: int) -> 
                     "mean_true_gain": statistics.fmean(c["true_gain"] for c in mine),
                     "mean_regret": statistics.fmean(c["regret"] for c in mine),
                     "mean_lm_calls": statistics.fmean(c["lm_calls"] or 0 for c in mine),
+                    "mean_trials": statistics.fmean(c["trials"] or 0 for c in mine),
+                    "mean_pruned_trials": statistics.fmean(c["pruned_trials"] or 0 for c in mine),
+                    "mean_example_evaluations_saved": statistics.fmean(
+                        c["example_evaluations_saved"] or 0 for c in mine
+                    ),
                 }
             )
     return rows
@@ -91,12 +110,13 @@ def _summary(cells: list[dict[str, Any]], strategies: list[str], seeds: int) -> 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     heads = ["strategy", "setting", "runs", "returned worse", "returned changed", "no_significant_gain"]
-    heads += ["mean true gain", "mean regret", "mean LM calls"]
+    heads += ["mean true gain", "mean regret", "mean LM calls", "trials", "pruned", "example-evals saved"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["strategy"], r["setting"], r["runs"], r["returned_worse"], r["returned_changed"]]
         cells += [r["no_significant_gain"], f"{r['mean_true_gain']:+.3f}", f"{r['mean_regret']:.3f}"]
-        cells += [f"{r['mean_lm_calls']:.0f}"]
+        cells += [f"{r['mean_lm_calls']:.0f}", f"{r['mean_trials']:.1f}", f"{r['mean_pruned_trials']:.1f}"]
+        cells += [f"{r['mean_example_evaluations_saved']:.0f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

@@ -162,6 +162,9 @@ class BenchRun:
     calls_to_gap: dict[str, int | None] = field(default_factory=dict)
     stage_offsets: list[float] | None = None
     allocation: dict[str, Any] | None = None
+    n_trials: int | None = None
+    pruned_trials: int | None = None
+    example_evaluations_saved: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready run."""
@@ -260,6 +263,10 @@ def _run_stageopt(
     run.status = result.status
     run.lm_calls = int(result.usage["lm_calls"])
     run.val_score = result.best.get("score")
+    racing = result.notes.get("racing") or {}
+    run.n_trials = racing.get("trials")
+    run.pruned_trials = racing.get("pruned_trials")
+    run.example_evaluations_saved = racing.get("example_evaluations_saved")
     _finish(run, testbed, program)
     study = optuna.load_study(study_name=run.strategy, storage=storage)
     space = SearchSpace.from_dict(study.user_attrs["space"])
@@ -267,7 +274,7 @@ def _run_stageopt(
     trues = [
         (int(record["lm_calls"]), testbed.true_score(space.apply(base, record["params"])))
         for record in sorted(result.history, key=lambda r: r["trial"])
-        if record.get("variant") is None
+        if record.get("variant") is None and not record.get("pruned")  # a dropped candidate was not found
     ]
     target = threshold * run.optimum
     run.calls_to_95 = next((calls for calls, true in trues if true >= target), None)
