@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +14,24 @@ from stageopt import ConfigurationError
 from stageopt.lm import SmallLMAdapter
 from stageopt.strategies import JointBayesian, OptimizationResult, Racing, RandomSearch
 from tests.conftest import scripted_lm
-from tests.strategies.test_confirm import OneStage, _coin, _examples, _metric, _proposal, demo_helps_answer
+from tests.strategies.test_confirm import OneStage, _coin, _examples, _metric, demo_helps_answer
 
 
-def demos_hurt_answer(prompt: str) -> str:
-    """Right 90 % of the time without demos, 20 % with: most candidates are clearly worse."""
-    proposal = _proposal(prompt)
-    if proposal is not None:
-        return proposal
-    has_demo = len(prompt.split("\n\n---\n\n")) >= 3
-    return " yes" if _coin(prompt, 0.2 if has_demo else 0.9) else " no"
+def demos_hurt() -> Callable[[str], str]:
+    """Right 90 % of the time without demos, 20 % with: most candidates are clearly worse.
+
+    Each call makes a new LM with its own proposal counter, so two runs in one test see the
+    same instructions in the same order whatever ran before them.
+    """
+    styles = itertools.count()
+
+    def answer(prompt: str) -> str:
+        if prompt.rstrip().endswith("Instruction:"):
+            return f"Answer the question in a single word, style number {next(styles)}."
+        has_demo = len(prompt.split("\n\n---\n\n")) >= 3
+        return " yes" if _coin(prompt, 0.2 if has_demo else 0.9) else " no"
+
+    return answer
 
 
 def _random(lm_fn: Any, **kwargs: Any) -> RandomSearch:
@@ -46,8 +56,8 @@ def _run(optimizer: Any) -> OptimizationResult:
 
 
 def test_worse_candidates_are_pruned_and_cost_less_than_scoring_every_example() -> None:
-    raced = _run(_random(demos_hurt_answer))
-    full = _run(_random(demos_hurt_answer, racing=False))
+    raced = _run(_random(demos_hurt()))
+    full = _run(_random(demos_hurt(), racing=False))
     pruned = [t for t in raced.history if t["pruned"] and not t["repeated"]]
     assert pruned, "candidates right 20 % of the time against a 90 % baseline are dropped"
     assert all(10 <= t["fidelity"] < 40 for t in pruned)
@@ -75,7 +85,7 @@ def test_a_better_candidate_is_scored_on_every_example_and_wins() -> None:
 
 
 def test_pruned_trials_are_told_pruned_with_per_example_values(tmp_path: Path) -> None:
-    result = _run(_random(demos_hurt_answer, run_dir=tmp_path))
+    result = _run(_random(demos_hurt(), run_dir=tmp_path))
     study = optuna.load_study(study_name="random", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     by_number = {t.number: t for t in study.trials}
     for record in result.history:
@@ -88,15 +98,15 @@ def test_pruned_trials_are_told_pruned_with_per_example_values(tmp_path: Path) -
 
 
 def test_a_resumed_run_keeps_its_pruned_trials_and_rescores_nothing(tmp_path: Path) -> None:
-    first = _run(_random(demos_hurt_answer, run_dir=tmp_path, n_trials=5))
+    first = _run(_random(demos_hurt(), run_dir=tmp_path, n_trials=5))
     assert any(t["pruned"] for t in first.history)
-    lm = scripted_lm(demos_hurt_answer)
-    again = _random(demos_hurt_answer, run_dir=tmp_path, n_trials=5, lm=lm)
+    lm = scripted_lm(demos_hurt())
+    again = _random(demos_hurt(), run_dir=tmp_path, n_trials=5, lm=lm)
     second = _run(again)
     assert len(lm.history) == 0, "every trial, pruned or not, was restored from the study"
     assert second.history == first.history
     assert second.notes["racing"] == first.notes["racing"]
-    longer = _run(_random(demos_hurt_answer, run_dir=tmp_path, n_trials=10))
+    longer = _run(_random(demos_hurt(), run_dir=tmp_path, n_trials=10))
     assert longer.history[: len(first.history)] == first.history
     assert len([t for t in longer.history if t["phase"] == "random" and not t["repeated"]]) == 10
 
@@ -104,7 +114,7 @@ def test_a_resumed_run_keeps_its_pruned_trials_and_rescores_nothing(tmp_path: Pa
 def test_tpe_learns_from_pruned_trials() -> None:
     settings: dict[str, Any] = {
         "budget": 2000,
-        "lm": scripted_lm(demos_hurt_answer),
+        "lm": scripted_lm(demos_hurt()),
         "adapter": SmallLMAdapter(),
         "bootstrap_size": 8,
         "val_size": 40,
@@ -117,7 +127,7 @@ def test_tpe_learns_from_pruned_trials() -> None:
 
 
 def test_small_validation_sets_are_not_raced() -> None:
-    result = _run(_random(demos_hurt_answer, val_size=10))
+    result = _run(_random(demos_hurt(), val_size=10))
     assert not any(t["pruned"] for t in result.history)
     assert result.notes["racing"]["example_evaluations_saved"] == 0
 
@@ -144,7 +154,7 @@ def test_bad_racing_settings_are_refused(settings: dict[str, Any], error: type[E
 
 def test_racing_must_be_a_racing_or_a_bool() -> None:
     with pytest.raises(TypeError, match="racing"):
-        _random(demos_hurt_answer, racing="yes")
+        _random(demos_hurt(), racing="yes")
 
 
 def test_a_raced_choice_is_still_confirmed() -> None:
@@ -157,9 +167,9 @@ def test_a_raced_choice_is_still_confirmed() -> None:
 def test_the_cli_summary_says_what_racing_saved() -> None:
     from stageopt.cli._limits import racing_lines
 
-    result = _run(_random(demos_hurt_answer))
+    result = _run(_random(demos_hurt()))
     note = result.notes["racing"]
     (line,) = racing_lines(result)
     assert f"{note['pruned_trials']} of {note['trials']} candidates dropped early" in line
     assert f"{note['example_evaluations_saved']} of " in line
-    assert racing_lines(_run(_random(demos_hurt_answer, racing=False))) == []
+    assert racing_lines(_run(_random(demos_hurt(), racing=False))) == []
